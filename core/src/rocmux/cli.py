@@ -1,0 +1,256 @@
+"""The ``rocmux`` command.
+
+Imports stay inside the commands: ``rocmux --help`` must not pay for httpx, rich
+or any plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rocmux import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rocmux",
+        description="Local LLM inference on AMD GPUs (ROCm) through pluggable runtimes.",
+    )
+    parser.add_argument("--version", action="version", version=f"rocmux {__version__}")
+    parser.add_argument(
+        "--backend", help="runtime to use (default: $ROCMUX_BACKEND, rocmux.toml, or detection)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("backends", help="list runtimes and whether they can run here")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("plugins", help="list installed plugins, their hooks and load errors")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("run", help="load a model and stream its answer to PROMPT")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("-m", "--model", help="GGUF file (default: rocmux.toml's or SmolLM2-135M)")
+    p.add_argument("--backend", dest="run_backend", metavar="BACKEND", help="runtime to use")
+    p.add_argument("--chat", action="store_true", help="send PROMPT as a chat message")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("-n", "--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, help="0 for greedy decoding")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ctx-size", type=int, dest="context_len", help="context length")
+    p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed")
+
+    p = sub.add_parser("setup", help="install or build a runtime (e.g. `setup llamacpp_hip`)")
+    p.add_argument("name", metavar="BACKEND")
+    group = p.add_mutually_exclusive_group()
+    for variant in ("cpu", "hip", "cuda", "vulkan"):
+        group.add_argument(
+            f"--{variant}",
+            dest="variant",
+            action="store_const",
+            const=variant,
+            help=f"{variant.upper()} build",
+        )
+    p.add_argument("--dry-run", action="store_true", help="say what would be done")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    from rocmux.errors import RocmuxError
+
+    try:
+        return int(_COMMANDS[args.command](args) or 0)
+    except RocmuxError as exc:
+        print(f"rocmux: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    import anyio
+
+    from rocmux.manager import get_plugin_manager
+    from rocmux.selection import detect_all
+
+    plugins = get_plugin_manager()
+    detected = anyio.run(detect_all, plugins)
+    rows = [
+        {
+            "name": d.entry.name,
+            "plugin": d.entry.plugin,
+            "available": d.availability.ok,
+            "priority": d.availability.priority,
+            "version": d.availability.version,
+            "devices": [dev.id for dev in d.availability.devices],
+            "reason": d.availability.reason,
+        }
+        for d in detected
+    ]
+    errors = [str(e) for e in plugins.errors]
+    if args.json:
+        print(json.dumps({"backends": rows, "plugin_errors": errors}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="rocmux backends (best first)")
+    for column in ("backend", "plugin", "available", "priority", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["plugin"],
+            "yes" if row["available"] else "no",
+            str(row["priority"]),
+            row["reason"],
+        )
+    console = Console()
+    console.print(table)
+    for error in errors:
+        console.print(f"[red]plugin error:[/red] {error}", markup=True, highlight=False)
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from rocmux.manager import get_plugin_manager
+
+    plugins = get_plugin_manager()
+    plugins.backends()  # surfaces errors raised by register hooks
+    rows: list[dict[str, Any]] = [
+        {
+            "name": info.name,
+            "distribution": info.distribution,
+            "version": info.version,
+            "hooks": list(info.hooks),
+            "disabled": info.disabled,
+            "error": info.error,
+        }
+        for info in plugins.infos.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="rocmux plugins")
+    for column in ("plugin", "distribution", "version", "hooks", "status"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        status = "disabled" if row["disabled"] else (row["error"] or "ok")
+        table.add_row(
+            row["name"],
+            row["distribution"] or "",
+            row["version"] or "",
+            ", ".join(row["hooks"]),
+            status,
+        )
+    Console().print(table)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    return anyio.run(_run_async, args)
+
+
+async def _run_async(args: argparse.Namespace) -> int:
+    from contextlib import aclosing
+
+    from rich.console import Console
+
+    from rocmux.config import load_config
+    from rocmux.selection import open_model
+    from rocmux.types import GenerateConfig, Message
+
+    config = load_config()
+    load = config.load
+    overrides = {
+        k: getattr(args, k) for k in ("context_len", "gpu_layers") if getattr(args, k) is not None
+    }
+    if overrides:
+        import attrs
+
+        load = attrs.evolve(load, **overrides)
+    err = Console(stderr=True)
+    with err.status("Loading model…", spinner="dots"):
+        model = await open_model(args.model, backend=args.run_backend or args.backend, config=load)
+    generate = GenerateConfig(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature
+        if args.temperature is not None
+        else config.generate.temperature,
+        seed=args.seed if args.seed is not None else config.generate.seed,
+    )
+    async with model:
+        if args.chat:
+            messages = [Message("system", args.system)] if args.system else []
+            stream = model.chat([*messages, Message("user", args.prompt)], generate)
+        else:
+            stream = model.generate(args.prompt, generate)
+        last = None
+        async with aclosing(stream) as tokens:
+            async for token in tokens:
+                sys.stdout.write(token.text)
+                sys.stdout.flush()
+                if token.usage or token.timings:
+                    last = token
+        sys.stdout.write("\n")
+        if args.stats and last is not None:
+            t = last.timings or {}
+            err.print(
+                f"[dim]{last.usage.completion_tokens if last.usage else '?'} tokens, "
+                f"prefill {t.get('prompt_per_second', 0):.0f} tok/s, "
+                f"decode {t.get('predicted_per_second', 0):.1f} tok/s[/dim]"
+            )
+    return 0
+
+
+def _cmd_setup(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from rocmux.manager import get_plugin_manager
+    from rocmux.setup import SetupRequest
+
+    console = Console(stderr=True)
+    with console.status(f"Setting up {args.name}…") as status:
+
+        def progress(message: str) -> None:
+            status.update(f"Setting up {args.name}: {message[:100]}")
+            if not message.startswith("["):
+                console.print(message, markup=False, highlight=False)
+
+        request = SetupRequest(
+            backend=args.name,
+            variant=args.variant or "cpu",
+            progress=progress,
+            dry_run=args.dry_run,
+        )
+        handled = get_plugin_manager().setup_backend(request)
+    if not handled:
+        from rocmux.errors import BackendNotFound
+
+        raise BackendNotFound(f"no installed plugin knows how to set up {args.name!r}")
+    return 0
+
+
+_COMMANDS = {
+    "backends": _cmd_backends,
+    "plugins": _cmd_plugins,
+    "run": _cmd_run,
+    "setup": _cmd_setup,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""User configuration: ``rocmux.toml``, environment variables and defaults.
+
+Where the file is looked for, first found wins: ``$ROCMUX_CONFIG``, ``./rocmux.toml``,
+``$XDG_CONFIG_HOME/rocmux/rocmux.toml`` (``~/.config/rocmux/rocmux.toml``).
+
+Recognised keys (every one optional)::
+
+    backend = "llamacpp_hip"       # runtime to use; else the best detected one
+    model = "/models/x.gguf"       # model used when none is named
+    model_dirs = ["/models"]       # where `rocmux models` and name lookups search
+
+    [load]                         # LoadConfig defaults
+    gpu_layers = 99
+    context_len = 8192
+
+    [generate]                     # GenerateConfig defaults
+    temperature = 0.7
+
+    [backends.llamacpp_hip]        # options read by that backend's plugin
+    server = "/opt/llama.cpp/build/bin/llama-server"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from rocmux.errors import ConfigError
+from rocmux.types import GenerateConfig, LoadConfig
+
+_TOP_KEYS = {"backend", "model", "model_dirs", "load", "generate", "backends"}
+
+
+def config_path() -> Path | None:
+    """The configuration file in use, or ``None`` when there is none."""
+    explicit = os.environ.get("ROCMUX_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ROCMUX_CONFIG names {path}, which is not a file")
+        return path
+    candidates = [Path.cwd() / "rocmux.toml"]
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    candidates.append(Path(xdg) / "rocmux" / "rocmux.toml")
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _build(cls: type[Any], table: object, where: str) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table, got {table!r}")
+    known = {a.name for a in attrs.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"unknown key {where}.{key}; known keys: {', '.join(sorted(known))}")
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad value in {where}: {exc}") from None
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """The parsed configuration."""
+
+    source: Path | None = None
+    backend: str | None = None
+    model: Path | None = None
+    model_dirs: tuple[Path, ...] = ()
+    load: LoadConfig = attrs.field(factory=LoadConfig)
+    generate: GenerateConfig = attrs.field(factory=GenerateConfig)
+    backends: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Config:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        return cls.from_mapping(data, source=path)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: Path | None = None) -> Config:
+        where = str(source) if source else "config"
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise ConfigError(
+                    f"unknown key {key!r} in {where}; known keys: {', '.join(sorted(_TOP_KEYS))}"
+                )
+        backend = data.get("backend")
+        if backend is not None and not isinstance(backend, str):
+            raise ConfigError(f"'backend' in {where} must be a string, got {backend!r}")
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ConfigError(f"'model' in {where} must be a path string, got {model!r}")
+        dirs = data.get("model_dirs", [])
+        if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+            raise ConfigError(f"'model_dirs' in {where} must be a list of paths")
+        backends = data.get("backends", {})
+        if not isinstance(backends, Mapping) or not all(
+            isinstance(v, Mapping) for v in backends.values()
+        ):
+            raise ConfigError(f"'backends' in {where} must hold one table per backend")
+        return cls(
+            source=source,
+            backend=backend,
+            model=Path(model).expanduser() if model else None,
+            model_dirs=tuple(Path(d).expanduser() for d in dirs),
+            load=_build(LoadConfig, data.get("load", {}), "load"),
+            generate=_build(GenerateConfig, data.get("generate", {}), "generate"),
+            backends=dict(backends),
+        )
+
+    def backend_options(self, name: str) -> Mapping[str, Any]:
+        """The ``[backends.NAME]`` table, empty when absent."""
+        return self.backends.get(name, {})
+
+
+_cached: Config | None = None
+
+
+def load_config(*, reload: bool = False) -> Config:
+    """The configuration from the file in use (cached), or defaults when there is none."""
+    global _cached
+    if _cached is None or reload:
+        path = config_path()
+        _cached = Config.from_toml(path) if path else Config()
+    return _cached
+
+
+def chosen_backend(cli_value: str | None = None) -> str | None:
+    """The backend the user asked for: ``--backend``, then ``ROCMUX_BACKEND``, then the file."""
+    return cli_value or os.environ.get("ROCMUX_BACKEND") or load_config().backend

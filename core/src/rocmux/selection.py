@@ -1,0 +1,98 @@
+"""Runtime choice: detect backends concurrently, pick by priority or by request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import attrs
+
+from rocmux.backend import TextModel
+from rocmux.config import chosen_backend, load_config
+from rocmux.errors import BackendUnavailable
+from rocmux.manager import PluginManager, get_plugin_manager
+from rocmux.registry import RegisteredBackend
+from rocmux.types import Availability, LoadConfig
+
+DETECT_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class Detected:
+    """A backend with the result of its detection."""
+
+    entry: RegisteredBackend
+    availability: Availability
+
+
+async def detect_one(entry: RegisteredBackend, limit: float = DETECT_TIMEOUT) -> Detected:
+    """Detect one backend; a hang or an exception becomes an unavailable reason."""
+    try:
+        with anyio.fail_after(limit):
+            availability = await entry.backend.detect()
+    except TimeoutError:
+        availability = Availability.unavailable(f"detection did not finish within {limit:g} s")
+    except Exception as exc:  # detection must never take the others down
+        availability = Availability.unavailable(f"detection raised {exc!r}")
+    if not isinstance(availability, Availability):
+        availability = Availability.unavailable(
+            f"detection returned {availability!r}, not an Availability"
+        )
+    return Detected(entry, availability)
+
+
+async def detect_all(
+    plugins: PluginManager | None = None, limit: float = DETECT_TIMEOUT
+) -> list[Detected]:
+    """Every registered backend, detected concurrently, best first."""
+    plugins = plugins or get_plugin_manager()
+    entries = list(plugins.backends())
+    results: list[Detected | None] = [None] * len(entries)
+
+    async def run(i: int, entry: RegisteredBackend) -> None:
+        results[i] = await detect_one(entry, limit)
+
+    async with anyio.create_task_group() as tg:
+        for i, entry in enumerate(entries):
+            tg.start_soon(run, i, entry)
+    done = [r for r in results if r is not None]
+    done.sort(key=lambda d: (not d.availability.ok, -d.availability.priority, d.entry.name))
+    return done
+
+
+async def choose_backend(name: str | None = None, plugins: PluginManager | None = None) -> Detected:
+    """The backend to use: the one asked for (``--backend``, ``ROCMUX_BACKEND``,
+    ``rocmux.toml``) if available, else the available one of highest priority."""
+    plugins = plugins or get_plugin_manager()
+    name = chosen_backend(name)
+    if name is not None:
+        detected = await detect_one(plugins.backends().get(name))
+        if not detected.availability.ok:
+            raise BackendUnavailable(
+                f"backend {name!r} is not available: {detected.availability.reason}"
+            )
+        return detected
+    everything = await detect_all(plugins)
+    if everything and everything[0].availability.ok:
+        return everything[0]
+    reasons = "; ".join(f"{d.entry.name}: {d.availability.reason}" for d in everything)
+    raise BackendUnavailable(
+        "no backend is available"
+        + (f" ({reasons})" if reasons else " (no plugin installed)")
+        + ". Run `rocmux setup llamacpp_hip` to build llama-server, or see `rocmux backends`."
+    )
+
+
+async def open_model(
+    model: str | Path | None = None,
+    *,
+    backend: str | None = None,
+    config: LoadConfig | None = None,
+    plugins: PluginManager | None = None,
+) -> TextModel:
+    """Resolve the model, choose a backend, and load: the one call scripts need."""
+    from rocmux.models import resolve_model
+
+    path = resolve_model(model)
+    detected = await choose_backend(backend, plugins)
+    return await detected.entry.backend.load(path, config or load_config().load)

@@ -1,0 +1,324 @@
+"""Supervision of runtime server processes.
+
+A :class:`ServerProcess` spawns one server in its own process group on a free
+loopback port, notices readiness quickly, keeps the tail of its output, and stops
+the whole group with SIGTERM and then SIGKILL. Children are tied to this process
+with ``PR_SET_PDEATHSIG`` so that they die even when it is SIGKILLed.
+
+A model's lifetime is not lexically scoped (``load()`` returns it, ``close()`` ends
+it, perhaps from another task), so the child's output is drained by a thread rather
+than by a task that would need an enclosing task group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING
+
+import anyio
+import attrs
+
+from rocmux.errors import BinaryNotFound, LaunchError, ServerCrashed, StartupFailed
+from rocmux.events import EventKind, LifecycleEvent
+
+if TYPE_CHECKING:
+    from rocmux.launch import Launch
+    from rocmux.manager import PluginManager
+
+_LIVE: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
+
+# Used when util-linux's setpriv is missing: set the parent-death signal, then exec.
+_PDEATHSIG_LAUNCHER = (
+    "import ctypes,os,signal,sys;"
+    "ctypes.CDLL(None,use_errno=True).prctl(1,signal.SIGKILL);"
+    "os.getppid()==int(sys.argv[1]) or os._exit(1);"
+    "os.execvp(sys.argv[2],sys.argv[2:])"
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (another process may still take it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _death_tie(argv: list[str]) -> list[str]:
+    """``argv`` wrapped so that the child gets SIGKILL when this process dies."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+    return [sys.executable, "-c", _PDEATHSIG_LAUNCHER, str(os.getpid()), *argv]
+
+
+async def poll_until(predicate: Callable[[], bool], interval: float = 0.005) -> None:
+    """Wait until ``predicate()`` is true.
+
+    A child's exit and a drain thread's end are not anyio events, so they are polled;
+    the interval is short because stop and restart latency add to every model swap.
+    """
+    while not predicate():  # noqa: ASYNC110
+        await anyio.sleep(interval)
+
+
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_LIVE):
+        server.kill_now()
+
+
+@attrs.define(eq=False)
+class ServerProcess:
+    """One runtime server process, from spawn to stop."""
+
+    launch: Launch
+    plugins: PluginManager | None = None
+    host: str = "127.0.0.1"
+    startup_timeout: float = 120.0
+    stop_timeout: float = 5.0
+    port_retries: int = 5
+    probe_interval: float = 0.010
+    ring_lines: int = 400
+
+    port: int | None = attrs.field(default=None, init=False)
+    _proc: subprocess.Popen[bytes] | None = attrs.field(default=None, init=False)
+    _lines: deque[str] = attrs.field(init=False)
+    _ready_line: threading.Event = attrs.field(factory=threading.Event, init=False)
+    _reader: threading.Thread | None = attrs.field(default=None, init=False)
+    _stopping: bool = attrs.field(default=False, init=False)
+    _exit_reported: bool = attrs.field(default=False, init=False)
+
+    @_lines.default
+    def _lines_default(self) -> deque[str]:
+        return deque(maxlen=self.ring_lines)
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise LaunchError(f"the {self.launch.backend} server has not been started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def output_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines the server wrote (stdout and stderr together)."""
+        return "\n".join(list(self._lines)[-lines:])
+
+    def _emit(self, kind: EventKind, **fields: object) -> None:
+        if self.plugins is not None:
+            event = LifecycleEvent(kind=kind, backend=self.launch.backend, pid=self.pid, **fields)
+            self.plugins.lifecycle(event)
+
+    # -- start ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn the server and return once it answers its health check.
+
+        Raises ``StartupFailed`` (with the tail of its output) when it exits first or
+        misses ``startup_timeout``, and ``BinaryNotFound`` when the executable is missing.
+        """
+        if self.running:
+            return
+        deadline = time.monotonic() + self.startup_timeout
+        for _attempt in range(self.port_retries):
+            self._spawn(free_port(self.host))
+            try:
+                await self._wait_ready(deadline)
+            except StartupFailed:
+                if self._lost_port_race():
+                    self._emit("exited", returncode=self.returncode, detail="port taken; retrying")
+                    continue
+                await self.stop()
+                raise
+            self._emit("ready", url=self.url)
+            return
+        raise StartupFailed(
+            f"the {self.launch.backend} server could not bind a port on {self.host} "
+            f"after {self.port_retries} attempts. Last output:\n{self.output_tail()}"
+        )
+
+    def _lost_port_race(self) -> bool:
+        if self.running:
+            return False
+        return any(self.launch.address_in_use_pattern.search(line) for line in self._lines)
+
+    def _spawn(self, port: int) -> None:
+        if self.plugins is not None:
+            self.plugins.adjust_launch(self.launch)
+        self.port = port
+        argv = self.launch.render(self.host, port)
+        env = {**os.environ, **self.launch.env}
+        self._lines.clear()
+        self._ready_line.clear()
+        self._stopping = False
+        self._exit_reported = False
+        try:
+            proc = subprocess.Popen(
+                _death_tie(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except FileNotFoundError:
+            raise BinaryNotFound(
+                f"cannot run {argv[0]!r}: no such file. Install the runtime "
+                f"(`rocmux setup {self.launch.backend}`) or point rocmux at it."
+            ) from None
+        except PermissionError:
+            raise LaunchError(
+                f"cannot run {argv[0]!r}: permission denied (is it executable?)"
+            ) from None
+        self._proc = proc
+        _LIVE.add(self)
+        assert proc.stdout is not None
+        self._reader = threading.Thread(
+            target=self._drain,
+            args=(proc.stdout,),
+            name=f"rocmux-drain-{proc.pid}",
+            daemon=True,
+        )
+        self._reader.start()
+        self._emit("spawned", url=self.url, detail=" ".join(argv))
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        pattern = self.launch.ready_pattern
+        with stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip()
+                self._lines.append(line)
+                if pattern is not None and pattern.search(line):
+                    self._ready_line.set()
+
+    async def _wait_ready(self, deadline: float) -> None:
+        import httpx
+
+        health = self.url + self.launch.health_path
+        next_probe = 0.0
+        async with httpx.AsyncClient(trust_env=False, timeout=2.0) as client:
+            while True:
+                returncode = self.returncode
+                if returncode is not None:
+                    await self._join_reader()
+                    raise StartupFailed(
+                        f"the {self.launch.backend} server exited with code {returncode} "
+                        f"before it was ready. Last output:\n{self.output_tail()}"
+                    )
+                now = time.monotonic()
+                if now >= deadline:
+                    raise StartupFailed(
+                        f"the {self.launch.backend} server was not ready within "
+                        f"{self.startup_timeout:g} s. Last output:\n{self.output_tail()}"
+                    )
+                if self._ready_line.is_set() or now >= next_probe:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await client.get(health)).status_code == 200:
+                            return
+                    next_probe = time.monotonic() + self.probe_interval
+                # Short sleeps so a ready line in the log is acted on at once.
+                await anyio.sleep(0.002)
+
+    async def _join_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and reader.is_alive():
+            with anyio.move_on_after(1.0):
+                await poll_until(lambda: not reader.is_alive())
+
+    # -- failure ----------------------------------------------------------------------
+
+    async def wait_exit(self, limit: float) -> None:
+        """Wait up to ``limit`` seconds for the process to exit."""
+        with anyio.move_on_after(limit):
+            await poll_until(lambda: not self.running)
+
+    async def check_alive(self) -> None:
+        """Raise ``ServerCrashed`` (exit code, output tail) if the server died."""
+        returncode = self.returncode
+        if returncode is None or self._stopping:
+            return
+        await self._join_reader()
+        tail = self.output_tail()
+        if not self._exit_reported:
+            self._exit_reported = True
+            self._emit("crashed", returncode=returncode, stderr_tail=tail)
+        raise ServerCrashed(
+            f"the {self.launch.backend} server (pid {self.pid}) died with "
+            f"{_describe_exit(returncode)}. Last output:\n{tail}",
+            returncode=returncode,
+            stderr_tail=tail,
+        )
+
+    # -- stop ---------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """SIGTERM the process group, wait ``stop_timeout``, then SIGKILL it. Idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        with anyio.CancelScope(shield=True):
+            self._stopping = True
+            if proc.poll() is None:
+                _kill_group(proc.pid, signal.SIGTERM)
+                with anyio.move_on_after(self.stop_timeout):
+                    await poll_until(lambda: proc.poll() is not None)
+            # The group may hold children that outlived the leader: kill it regardless.
+            _kill_group(proc.pid, signal.SIGKILL)
+            await poll_until(lambda: proc.poll() is not None)
+            await self._join_reader()
+            _LIVE.discard(self)
+            if not self._exit_reported:
+                self._exit_reported = True
+                self._emit("stopped", returncode=proc.returncode)
+
+    def kill_now(self) -> None:
+        """SIGKILL the group at once, without waiting (interpreter exit)."""
+        proc = self._proc
+        if proc is not None:
+            self._stopping = True
+            _kill_group(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+        _LIVE.discard(self)
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"

@@ -1,0 +1,1 @@
+"""rocmux in-process backend on PyTorch."""

@@ -1,0 +1,1 @@
+"""rocmux backend for llama.cpp's llama-server."""

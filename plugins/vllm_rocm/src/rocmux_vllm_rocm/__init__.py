@@ -1,0 +1,1 @@
+"""rocmux backend for vLLM (``vllm serve``)."""
