@@ -180,6 +180,12 @@ class ServerProcess:
         self.port = port
         argv = self.launch.render(self.host, port)
         env = {**os.environ, **self.launch.env}
+        # The death-tie wrapper would turn a missing binary into a bare exit 127.
+        if shutil.which(argv[0]) is None:
+            raise BinaryNotFound(
+                f"cannot run {argv[0]!r}: no such executable. Install the runtime "
+                f"(`rocmux setup {self.launch.backend}`) or point rocmux at it."
+            )
         self._lines.clear()
         self._ready_line.clear()
         self._stopping = False
