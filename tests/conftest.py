@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,40 +20,51 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _runtime_pids() -> set[int]:
-    """PIDs of llama-server (and test-server) processes on this machine."""
+# Children inherit the environment, so this marks every process the session starts,
+# including ones orphaned by a bug; processes of other sessions are left alone.
+SESSION_MARK = f"ROCMUX_TEST_SESSION={uuid.uuid4().hex}".encode()
+os.environ["ROCMUX_TEST_SESSION"] = SESSION_MARK.split(b"=", 1)[1].decode()
+
+
+def _session_pids() -> set[int]:
+    """Live processes (other than this one) started by this test session."""
     pids: set[int] = set()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
             stat = (entry / "stat").read_text()
         except OSError:
             continue
         if stat.rsplit(")", 1)[-1].split()[0] == "Z":
             continue
-        if b"llama-server" in cmdline or b"rocmux_test_server" in cmdline:
+        if SESSION_MARK in environ.split(b"\0"):
             pids.add(int(entry.name))
     return pids
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_runtimes() -> Iterator[None]:
-    """Fails the session if a runtime process started during it is still alive."""
-    before = _runtime_pids()
+    """Fails the session if a process it started (a runtime server, a test server, a
+    helper script) is still alive at its end."""
     yield
     import time
 
     deadline = time.monotonic() + 5.0
-    while (left := _runtime_pids() - before) and time.monotonic() < deadline:
+    while (left := _session_pids()) and time.monotonic() < deadline:
         time.sleep(0.05)
+    described = {
+        pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200]
+        for pid in left
+        if Path(f"/proc/{pid}/cmdline").exists()
+    }
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not left, f"runtime processes left behind after the tests: {sorted(left)}"
+    assert not left, f"processes left behind after the tests: {described}"
 
 
 @pytest.fixture(scope="session")

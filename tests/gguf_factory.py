@@ -29,7 +29,7 @@ BOS_ID = 1
 EOS_ID = 2
 SPACE = "\u2581"  # SentencePiece's word-boundary mark
 
-_WORDS = (
+_WORD_TEXT = (
     "the be to of and a in that have I it for not on with he as you do at this but his by "
     "from they we say her she or an will my one all would there their what so up out if "
     "about who get which go me when make can like time no just him know take people into "
@@ -37,7 +37,8 @@ _WORDS = (
     "also back after use two how our work first well way even new want because any these "
     "give day most us is are was were has had been hello world model test token server "
     "chat user assistant system yes ok thanks please answer question"
-).split()
+)
+_WORDS = _WORD_TEXT.split()
 _CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?;:'\"-()[]/"
 _TT = gguf.TokenType
 
@@ -191,7 +192,7 @@ def _finish(writer: gguf.GGUFWriter) -> None:
     writer.close()
 
 
-def write_tiny_llama(path: Path, spec: TinyLlama = TinyLlama()) -> Path:  # noqa: B008
+def write_tiny_llama(path: Path, spec: TinyLlama = TinyLlama()) -> Path:
     """Writes ``spec`` as one GGUF file at ``path`` and returns ``path``."""
     path = Path(path)
     writer, tensors = _writer(path, spec)
@@ -201,7 +202,7 @@ def write_tiny_llama(path: Path, spec: TinyLlama = TinyLlama()) -> Path:  # noqa
     return path
 
 
-def write_split(path_prefix: Path, spec: TinyLlama = TinyLlama(), parts: int = 2) -> list[Path]:  # noqa: B008
+def write_split(path_prefix: Path, spec: TinyLlama = TinyLlama(), parts: int = 2) -> list[Path]:
     """Writes ``spec`` as ``parts`` split files ``<prefix>-0000i-of-0000n.gguf``, in order.
 
     llama.cpp loads the whole model when given the first file.

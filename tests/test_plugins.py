@@ -10,7 +10,6 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -68,7 +67,7 @@ def test_every_hook_has_a_test(hook):
 @pytest.mark.parametrize("hook", HOOKS)
 def test_every_hookspec_has_a_docstring_and_types(hook):
     spec = getattr(hookspecs, hook)
-    assert spec.__doc__ and "Called" in spec.__doc__ or "Return" in (spec.__doc__ or "")
+    assert (spec.__doc__ and "Called" in spec.__doc__) or "Return" in (spec.__doc__ or "")
     assert "return" in spec.__annotations__
 
 

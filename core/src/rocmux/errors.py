@@ -18,7 +18,8 @@ Every error names the problem and what to do about it. The tree::
         │   └── StartupFailed    the server exited or timed out before it was ready
         ├── ServerCrashed        the server died while running (exit code, stderr tail)
         ├── RequestError         the server answered a request with an error status
-        └── StreamError          the event stream was malformed or ended early
+        ├── StreamError          the event stream was malformed or ended early
+        └── ModelClosed          the model was closed; load it again
 """
 
 from __future__ import annotations
@@ -100,3 +101,7 @@ class RequestError(RuntimeFailure):
 
 class StreamError(RuntimeFailure):
     """The server's event stream was malformed or ended before a finish reason."""
+
+
+class ModelClosed(RuntimeFailure):
+    """The model was closed; load it again to use it."""

@@ -70,7 +70,7 @@ class OpenAIClient:
                     body=parsed,
                 )
             content_type = response.headers.get("content-type", "")
-            if "text/event-stream" not in content_type:
+            if content_type.partition(";")[0].strip().lower() != "text/event-stream":
                 await response.aread()
                 raise StreamError(
                     f"the {self.backend} server answered POST {path} with {content_type!r}, "

@@ -7,6 +7,7 @@ llama-server, vLLM and most local runtimes speak this dialect, so it is the
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,28 +19,42 @@ if TYPE_CHECKING:
     from httpx_sse import ServerSentEvent
 
 
+def _count(raw: Mapping[str, Any], key: str) -> int:
+    value = raw.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StreamError(f"malformed usage in stream: {key} = {value!r}")
+    return value
+
+
 def _usage(raw: object) -> Usage | None:
     if not isinstance(raw, Mapping):
         return None
-    try:
-        return Usage(
-            prompt_tokens=int(raw.get("prompt_tokens", 0)),
-            completion_tokens=int(raw.get("completion_tokens", 0)),
-        )
-    except (TypeError, ValueError):
-        raise StreamError(f"malformed usage in stream: {raw!r}") from None
+    return Usage(
+        prompt_tokens=_count(raw, "prompt_tokens"),
+        completion_tokens=_count(raw, "completion_tokens"),
+    )
 
 
 def _timings(raw: object) -> Mapping[str, float] | None:
     if not isinstance(raw, Mapping):
         return None
-    return {str(k): float(v) for k, v in raw.items() if isinstance(v, int | float)}
+    timings: dict[str, float] = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        try:
+            number = float(value)
+        except OverflowError:
+            continue
+        if math.isfinite(number):
+            timings[str(key)] = number
+    return timings
 
 
 def decode_chunk(chunk: Mapping[str, Any]) -> list[Token]:
     """Tokens in one decoded JSON chunk of ``/v1/completions`` or ``/v1/chat/completions``."""
-    if "error" in chunk:
-        error = chunk["error"]
+    error = chunk.get("error")
+    if error is not None:
         message = error.get("message", error) if isinstance(error, Mapping) else error
         raise StreamError(f"the runtime reported an error mid-stream: {message}")
     choices = chunk.get("choices")
@@ -89,6 +104,8 @@ def decode_event(event: ServerSentEvent) -> list[Token]:
         raise StreamError(
             f"the runtime sent an event that is not JSON ({exc.msg}): {event.data[:200]!r}"
         ) from None
+    except RecursionError:
+        raise StreamError("the runtime sent JSON nested too deeply to decode") from None
     if not isinstance(chunk, Mapping):
         raise StreamError(f"the runtime sent a JSON {type(chunk).__name__}, not an object")
     return decode_chunk(chunk)

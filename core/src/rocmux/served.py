@@ -17,16 +17,12 @@ import attrs
 import httpx
 
 from rocmux.backend import TextModel
-from rocmux.errors import RocmuxError, RuntimeFailure, ServerCrashed, StreamError
+from rocmux.errors import ModelClosed, RocmuxError, ServerCrashed, StreamError
 from rocmux.launch import Launch
 from rocmux.manager import PluginManager
 from rocmux.openai_client import OpenAIClient
 from rocmux.supervisor import ServerProcess
 from rocmux.types import GenerateConfig, Message, Token
-
-
-class ModelClosed(RuntimeFailure):
-    """The model was closed; load it again to use it."""
 
 
 @attrs.define(eq=False)
