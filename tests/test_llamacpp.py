@@ -227,14 +227,14 @@ async def test_unknown_extra_flag_is_refused_before_spawning(tiny_model, plugins
 async def test_extra_flag_overrides_rocmux_value(tiny_model, plugins, recorder):
     async with (
         await LlamaCppBackend(plugins=plugins).load(
-            tiny_model, LoadConfig(context_len=256, extra_flags=["-c", "384"])
+            tiny_model, LoadConfig(context_len=256, extra_flags=["-c", "512"])
         ) as model,
         httpx.AsyncClient(trust_env=False) as client,
     ):
         props = (await client.get(f"{model.url}/props")).json()
     argv = next(e.detail for e in recorder.events if e.kind == "spawned")
     assert "--ctx-size" not in argv
-    assert props["default_generation_settings"]["n_ctx"] == 384
+    assert props["default_generation_settings"]["n_ctx"] == 512
 
 
 # -- blocking facade and CLI -------------------------------------------------------------

@@ -439,3 +439,17 @@ def test_help_does_not_import_plugins_or_httpx():
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_event_decoder_skips_the_hook_only_when_no_plugin_decodes():
+    from rocmux import openai_dialect
+
+    assert _manager().event_decoder("x") is openai_dialect.decode_event
+
+    class Dialect:
+        @hookimpl
+        def rocmux_decode_event(self, backend: str, event: ServerSentEvent) -> list[Token] | None:
+            return [Token("mine")]
+
+    decode = _manager(Dialect()).event_decoder("x")
+    assert decode(ServerSentEvent(data="{}")) == [Token("mine")]

@@ -76,11 +76,11 @@ class OpenAIClient:
                     f"the {self.backend} server answered POST {path} with {content_type!r}, "
                     f"not an event stream: {response.text[:200]!r}"
                 )
-            decode = self.plugins.decode_event
+            decode = self.plugins.event_decoder(self.backend)
             async for event in EventSource(response).aiter_sse():
                 if event.data == "[DONE]":
                     return
-                for token in decode(self.backend, event):
+                for token in decode(event):
                     yield token
 
     async def aclose(self) -> None:
