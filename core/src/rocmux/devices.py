@@ -1,0 +1,891 @@
+"""GPU detection and VRAM monitoring.
+
+AMD GPUs come from the kernel's KFD topology and the amdgpu sysfs files, so no ROCm
+user space is needed; ``amd-smi`` (or ``rocm-smi``) fills what sysfs lacks. NVIDIA GPUs
+come from NVML (the optional ``nvidia-ml-py``), the CPU from ``/proc``. Every function
+that reads the file system takes ``root`` so tests can point it at a recorded tree
+(``tests/data/sysfs``). Nothing here does I/O at import time.
+
+Kernel sources this module follows (see also ``tests/data/sysfs/README.md``):
+
+- KFD node properties: drivers/gpu/drm/amd/amdkfd/kfd_topology.c, ``node_show()``
+  https://github.com/torvalds/linux/blob/master/drivers/gpu/drm/amd/amdkfd/kfd_topology.c
+- ``gfx_target_version`` values: drivers/gpu/drm/amd/amdkfd/kfd_device.c, ``kgd2kfd_probe()``
+- amdgpu memory and product files: https://docs.kernel.org/gpu/amdgpu/driver-misc.html
+- ``gpu_busy_percent``: https://docs.kernel.org/gpu/amdgpu/thermal.html
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from rocmux.types import Device
+
+Vendor = Literal["amd", "nvidia", "cpu"]
+
+AMD_PCI_VENDOR = 0x1002  # KFD reports it in decimal: vendor_id 4098
+KFD_NODES = Path("sys/class/kfd/kfd/topology/nodes")
+DRM_CLASS = Path("sys/class/drm")
+# libdrm's table of marketing names, by PCI device and revision id; ROCm ships its own copy.
+AMDGPU_IDS = (
+    Path("opt/amdgpu/share/libdrm/amdgpu.ids"),
+    Path("usr/share/libdrm/amdgpu.ids"),
+)
+GENERIC_AMD_NAME = "AMD Radeon Graphics"  # what libdrm and ROCm show for an unlisted id
+SMI_TIMEOUT = 10.0
+
+# Variables that already restrict which GPUs a HIP program sees; the user's choice wins.
+# https://rocm.docs.amd.com/projects/HIP/en/latest/reference/env_variables.html
+VISIBILITY_VARIABLES = (
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES",
+    "GPU_DEVICE_ORDINAL",
+)
+
+# Integrated GPUs (APUs). The kernel's own flag (AMD_IS_APU) reaches user space only
+# through the DRM ioctl AMDGPU_INFO_DEV_INFO (ids_flags & AMDGPU_IDS_FLAGS_FUSION), which
+# is what ROCm's libhsakmt reads for HsaNodeProperties.Integrated (libhsakmt/src/
+# topology.c, topology_get_node_props_from_drm). No sysfs file carries it, and opening a
+# render node to ask would wake a runtime-suspended laptop dGPU, so this module decides
+# from sysfs, in this order:
+#
+# 1. A KFD node with both CPU cores and SIMDs is what kfd_topology.c itself logs as an
+#    "APU node" (kfd_debug_print_topology). Only older kernels build one (ACPI CRAT with
+#    IOMMUv2); current kernels give every GPU, integrated or not, its own node with
+#    cpu_cores_count 0, so this alone misses today's APUs.
+# 2. The gfx target: these gfx_target_version values belong to APU silicon only. They
+#    are the GC versions of the kernel's APU table
+#    (https://github.com/torvalds/linux/blob/master/Documentation/gpu/amdgpu/apu-asic-info-table.csv)
+#    mapped to gfx_target_version by kgd2kfd_probe() in amdkfd/kfd_device.c, plus chips
+#    that amdgpu_drv.c registers with AMD_IS_APU (Kaveri, Carrizo, Cyan Skillfish) and
+#    the 9.4.3 APU case of kgd2kfd_probe (90400).
+# 3. For a target not in the table: dedicated VRAM of at most 1 GiB, the size of a BIOS
+#    carve-out; no GPU that ROCm supports as discrete has that little.
+#
+# Not used: the node's ``local_mem_size``, which node_show() prints as a literal 0 for
+# every GPU, and the capability bits (include/uapi/linux/kfd_sysfs.h), which have no
+# APU bit (HSA_CAP_ATS_PRESENT followed IOMMUv2, now gone).
+_APU_GFX_TARGET_VERSIONS = frozenset(
+    {
+        70000,  # Kaveri (gfx700)
+        80001,  # Carrizo (gfx801)
+        90002,  # Raven, Picasso, Raven2 (gfx902)
+        90012,  # Renoir, Cezanne, Lucienne, Barcelo (gfx90c)
+        90400,  # MI300A before rev 1 (gfx940)
+        100103,  # Cyan Skillfish (gfx1013)
+        100303,  # Van Gogh, Steam Deck (gfx1033)
+        100305,  # Yellow Carp, Rembrandt (gfx1035)
+        100306,  # Raphael, Dragon Range, Mendocino (gfx1036)
+        110003,  # Phoenix, Hawk Point (gfx1103)
+        110500,  # Strix Point (gfx1150)
+        110501,  # Strix Halo (gfx1151)
+        110502,  # Krackan Point (gfx1152)
+    }
+)
+_CARVEOUT_MAX = 1 << 30
+
+_BDF = re.compile(r"^(?:([0-9a-fA-F]+):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
+_UNIT_BYTES = {
+    "B": 1,
+    "KB": 1 << 10,
+    "KIB": 1 << 10,
+    "MB": 1 << 20,
+    "MIB": 1 << 20,
+    "GB": 1 << 30,
+    "GIB": 1 << 30,
+}
+
+
+@attrs.frozen(kw_only=True)
+class GpuInfo:
+    """A compute device as detection found it.
+
+    ``index`` is the ordinal the runtime gives the device when no ``*_VISIBLE_DEVICES``
+    variable is set, i.e. the number to put in ``HIP_VISIBLE_DEVICES``; ``None`` when the
+    runtime cannot use it (its render node is missing or not accessible) and for the CPU.
+    For NVIDIA it is the NVML index, which is CUDA's ordinal only with
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (CUDA's default order is fastest first).
+
+    Memory is in bytes, ``None`` when unknown. ``memory_*`` is what the device can
+    allocate: VRAM on a discrete GPU; on an integrated GPU the BIOS carve-out
+    (``vram_total``) plus GTT, system RAM the GPU may map (``gtt_total``), with the free
+    GTT capped by the RAM still available; system RAM for the CPU.
+
+    ``pci_bus`` ("0000:03:00.0") and ``unique_id`` ("GPU-<16 hex>", the form ROCm's
+    tools print and ``ROCR_VISIBLE_DEVICES`` accepts; NVML's UUID for NVIDIA) stay the
+    same across boots, unlike ``index``.
+    """
+
+    index: int | None
+    vendor: Vendor
+    name: str
+    gfx_target: str | None = None
+    integrated: bool = False
+    memory_total: int | None = None
+    memory_used: int | None = None
+    memory_free: int | None = None
+    vram_total: int | None = None
+    gtt_total: int | None = None
+    busy_percent: int | None = None
+    compute_units: int | None = None
+    simd_count: int | None = None
+    pci_bus: str | None = None
+    unique_id: str | None = None
+    kfd_node: int | None = None
+    drm_render_minor: int | None = None
+
+    @property
+    def device_id(self) -> str:
+        """The id llama.cpp-style runtimes use: ``ROCm0``, ``CUDA1``, ``CPU``."""
+        if self.vendor == "cpu":
+            return "CPU"
+        prefix = "ROCm" if self.vendor == "amd" else "CUDA"
+        if self.index is None:
+            return f"{prefix}:{self.pci_bus or self.name}"
+        return f"{prefix}{self.index}"
+
+    def to_device(self) -> Device:
+        """This device as ``rocmux.types.Device``."""
+        kind: Literal["rocm", "cuda", "cpu"] = (
+            "rocm" if self.vendor == "amd" else "cuda" if self.vendor == "nvidia" else "cpu"
+        )
+        return Device(
+            id=self.device_id,
+            name=self.name,
+            kind=kind,
+            memory_total=self.memory_total,
+            memory_free=self.memory_free,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class SmiRecord:
+    """What ``amd-smi`` or ``rocm-smi`` reports for one GPU, keyed by PCI bus."""
+
+    pci_bus: str
+    name: str | None = None
+    gfx_target: str | None = None
+    compute_units: int | None = None
+    memory_total: int | None = None
+    memory_used: int | None = None
+    busy_percent: int | None = None
+
+
+# ---------------------------------------------------------------- small readers
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _parse_int(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        return int(text, 16) if text.lower().startswith("0x") else int(text)
+    except ValueError:
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    return _parse_int(_read_text(path))
+
+
+def _is_live(root: Path) -> bool:
+    return Path(root) == Path("/")
+
+
+def parse_kfd_properties(text: str) -> dict[str, int]:
+    """The ``name value`` lines of a KFD ``properties`` file (non-integers skipped)."""
+    props: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        number = _parse_int(value.strip())
+        if key and number is not None:
+            props[key] = number
+    return props
+
+
+def gfx_target_name(version: int | None) -> str | None:
+    """``gfx_target_version`` to an LLVM target: 110000 -> gfx1100, 90012 -> gfx90c."""
+    if not version or version <= 0:
+        return None
+    major, minor, step = version // 10000, (version // 100) % 100, version % 100
+    return f"gfx{major}{minor:x}{step:x}"
+
+
+def normalize_pci_bus(text: str | None) -> str | None:
+    """``0000:03:00.0`` from forms like ``03:00.0`` or NVML's ``00000000:03:00.0``."""
+    if not text:
+        return None
+    match = _BDF.match(text.strip())
+    if match is None:
+        return None
+    domain, bus, dev, fn = match.groups()
+    return f"{int(domain or '0', 16):04x}:{bus.lower()}:{dev.lower()}.{fn}"
+
+
+def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
+    """``/proc/meminfo`` in bytes (the file counts kB)."""
+    text = _read_text(Path(root) / "proc/meminfo") or ""
+    info: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            scale = 1024 if len(fields) > 1 and fields[1] == "kB" else 1
+            info[key.strip()] = int(fields[0]) * scale
+    return info
+
+
+def parse_amdgpu_ids(text: str) -> dict[tuple[int, int], str]:
+    """libdrm's ``amdgpu.ids``: ``{(device id, revision): marketing name}``.
+
+    Like libdrm, the first line for a (device, revision) pair wins and there is no
+    fallback to another revision: the same device id names different products.
+    """
+    names: dict[tuple[int, int], str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split(",", 2)
+        if len(parts) != 3:
+            continue  # the version line ("1.0.0")
+        try:
+            key = (int(parts[0].strip(), 16), int(parts[1].strip(), 16))
+        except ValueError:
+            continue
+        names.setdefault(key, parts[2].strip())
+    return names
+
+
+def _amdgpu_ids_file(root: Path) -> Path | None:
+    for rel in AMDGPU_IDS:
+        path = Path(root) / rel
+        if path.is_file():
+            return path
+    return None
+
+
+# ---------------------------------------------------------------- AMD via sysfs
+
+
+def _render_node_usable(root: Path, minor: int | None) -> bool:
+    """Whether the runtime could open ``/dev/dri/renderD<minor>``.
+
+    libhsakmt skips GPU nodes whose render node it cannot open (topology.c,
+    topology_sysfs_check_node_supported), so they get no HIP ordinal. A recorded tree
+    without ``dev/dri`` counts every GPU as usable.
+    """
+    dri = Path(root) / "dev/dri"
+    if not _is_live(root) and not dri.is_dir():
+        return True
+    if not minor:
+        return False
+    return os.access(dri / f"renderD{minor}", os.R_OK | os.W_OK)
+
+
+def _amd_memory(
+    device: Path | None, integrated: bool, meminfo: Mapping[str, int]
+) -> tuple[int | None, int | None, int | None, int | None, int | None]:
+    """(total, used, free, vram_total, gtt_total) from the amdgpu ``mem_info_*`` files."""
+    if device is None:
+        return None, None, None, None, None
+    vram_total = _read_int(device / "mem_info_vram_total")
+    vram_used = _read_int(device / "mem_info_vram_used")
+    gtt_total = _read_int(device / "mem_info_gtt_total")
+    gtt_used = _read_int(device / "mem_info_gtt_used")
+    vram_free = None if vram_total is None or vram_used is None else vram_total - vram_used
+    if (
+        not integrated
+        or vram_total is None
+        or vram_used is None
+        or vram_free is None
+        or gtt_total is None
+        or gtt_used is None
+    ):
+        return vram_total, vram_used, vram_free, vram_total, gtt_total
+    # GTT pages are ordinary RAM: the GPU can take more only while the system has them.
+    gtt_free = gtt_total - gtt_used
+    if "MemAvailable" in meminfo:
+        gtt_free = min(gtt_free, meminfo["MemAvailable"])
+    total = vram_total + gtt_total
+    return total, vram_used + gtt_used, vram_free + gtt_free, vram_total, gtt_total
+
+
+def _is_integrated(props: Mapping[str, int], vram_total: int | None) -> bool:
+    """Integrated GPU or not; the comment at ``_APU_GFX_TARGET_VERSIONS`` says why."""
+    if props.get("cpu_cores_count", 0) > 0 and props.get("simd_count", 0) > 0:
+        return True
+    version = props.get("gfx_target_version", 0)
+    if version in _APU_GFX_TARGET_VERSIONS:
+        return True
+    return vram_total is not None and 0 < vram_total <= _CARVEOUT_MAX
+
+
+def _kfd_pci_bus(props: Mapping[str, int], device: Path | None) -> str | None:
+    # location_id is pci_dev_id(): bus << 8 | devfn (kfd_topology_add_device).
+    location = props.get("location_id")
+    if location:
+        domain = props.get("domain", 0)
+        bus, slot, fn = (location >> 8) & 0xFF, (location >> 3) & 0x1F, location & 0x7
+        return f"{domain:04x}:{bus:02x}:{slot:02x}.{fn}"
+    if device is not None:
+        try:
+            return normalize_pci_bus(device.resolve().name)
+        except OSError:
+            return None
+    return None
+
+
+def _amd_unique_id(props: Mapping[str, int], device: Path | None) -> str | None:
+    uid = props.get("unique_id")
+    if not uid and device is not None:
+        # amdgpu's own unique_id file holds the same number in hex (driver-misc.rst).
+        uid = _parse_int("0x" + (_read_text(device / "unique_id") or "").removeprefix("0x"))
+    return f"GPU-{uid:016x}" if uid else None
+
+
+def _amd_name(
+    props: Mapping[str, int], device: Path | None, ids: Callable[[], Mapping[tuple[int, int], str]]
+) -> str:
+    if device is not None:
+        # product_name comes from the board's FRU EEPROM; most consumer boards have none.
+        product = _read_text(device / "product_name")
+        if product:
+            return product
+        revision = _read_int(device / "revision")
+        device_id = props.get("device_id") or _read_int(device / "device")
+        if device_id is not None and revision is not None:
+            name = ids().get((device_id, revision))
+            if name:
+                return name
+    return GENERIC_AMD_NAME
+
+
+def amd_gpus(root: Path = Path("/")) -> list[GpuInfo]:
+    """AMD GPUs of the KFD topology, in node order (the order HIP numbers them)."""
+    root = Path(root)
+    try:
+        nodes = sorted(
+            (p for p in (root / KFD_NODES).iterdir() if p.name.isdigit()),
+            key=lambda p: int(p.name),
+        )
+    except OSError:
+        return []
+    meminfo = read_meminfo(root)
+    ids_cache: list[Mapping[tuple[int, int], str]] = []
+
+    def ids() -> Mapping[tuple[int, int], str]:
+        if not ids_cache:
+            path = _amdgpu_ids_file(root)
+            ids_cache.append(parse_amdgpu_ids(_read_text(path) or "") if path else {})
+        return ids_cache[0]
+
+    gpus: list[GpuInfo] = []
+    ordinal = 0
+    for node in nodes:
+        text = _read_text(node / "properties")
+        if text is None:
+            continue  # unreadable (a device cgroup): the runtime skips it too
+        props = parse_kfd_properties(text)
+        gpu_id = _read_int(node / "gpu_id")
+        # libhsakmt tells GPU nodes by a non-zero gpu_id; CPU nodes have no SIMDs.
+        is_gpu = gpu_id != 0 if gpu_id is not None else props.get("simd_count", 0) > 0
+        if not is_gpu:
+            continue
+        vendor_id = props.get("vendor_id")
+        if vendor_id is not None and vendor_id != AMD_PCI_VENDOR:
+            continue
+        minor = props.get("drm_render_minor") or None
+        device = root / DRM_CLASS / f"renderD{minor}" / "device" if minor else None
+        index: int | None = None
+        if _render_node_usable(root, minor):
+            index, ordinal = ordinal, ordinal + 1
+        vram_total = _read_int(device / "mem_info_vram_total") if device else None
+        integrated = _is_integrated(props, vram_total)
+        total, used, free, vram_total, gtt_total = _amd_memory(device, integrated, meminfo)
+        simds = props.get("simd_count") or None
+        per_cu = props.get("simd_per_cu") or None
+        gpus.append(
+            GpuInfo(
+                index=index,
+                vendor="amd",
+                name=_amd_name(props, device, ids),
+                gfx_target=gfx_target_name(props.get("gfx_target_version")),
+                integrated=integrated,
+                memory_total=total,
+                memory_used=used,
+                memory_free=free,
+                vram_total=vram_total,
+                gtt_total=gtt_total,
+                busy_percent=_read_int(device / "gpu_busy_percent") if device else None,
+                compute_units=simds // per_cu if simds and per_cu else None,
+                simd_count=simds,
+                pci_bus=_kfd_pci_bus(props, device),
+                unique_id=_amd_unique_id(props, device),
+                kfd_node=int(node.name),
+                drm_render_minor=minor,
+            )
+        )
+    return gpus
+
+
+# ---------------------------------------------------------------- amd-smi / rocm-smi
+
+
+def _smi_number(value: Any) -> float | None:
+    """A number from amd-smi JSON: ``5``, ``"5 %"`` or ``{"value": 5, "unit": "%"}``."""
+    if isinstance(value, Mapping):
+        value = value.get("value")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = re.match(r"\s*(-?\d+(?:\.\d+)?)", value)
+        return float(match.group(1)) if match else None
+    return None
+
+
+def _smi_bytes(value: Any, default_unit: str = "MB") -> int | None:
+    # amd-smi's "MB" is MiB: amdsmi_commands.py divides byte counts by 1024 * 1024.
+    number = _smi_number(value)
+    if number is None:
+        return None
+    unit = default_unit
+    if isinstance(value, Mapping) and isinstance(value.get("unit"), str):
+        unit = value["unit"]
+    elif isinstance(value, str) and value.split()[1:]:
+        unit = value.split()[1]
+    return int(number * _UNIT_BYTES.get(unit.upper(), 1 << 20))
+
+
+def _smi_text(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return None if not value or value.upper() == "N/A" else value
+
+
+def _smi_entries(text: str | None) -> list[Mapping[str, Any]]:
+    """The per-GPU objects of amd-smi JSON: a bare list, or ``{"gpu_data": [...]}``
+    as newer releases print it."""
+    if not text:
+        return []
+    start = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
+    if start < 0:
+        return []
+    try:
+        data = json.loads(text[start:])
+    except ValueError:
+        return []
+    if isinstance(data, Mapping):
+        data = data.get("gpu_data", [data])
+    if not isinstance(data, list):
+        return []
+    return [entry for entry in data if isinstance(entry, Mapping)]
+
+
+def parse_amd_smi(static_json: str, metric_json: str | None = None) -> dict[str, SmiRecord]:
+    """``amd-smi static --json`` (plus, optionally, ``amd-smi metric --json``) by PCI bus.
+
+    amd-smi numbers GPUs its own way, so the metric entries are matched to the static
+    ones by their ``gpu`` field and everything is keyed by the static ``bus.bdf``.
+    """
+    metrics = {entry.get("gpu"): entry for entry in _smi_entries(metric_json) if "gpu" in entry}
+    records: dict[str, SmiRecord] = {}
+    for entry in _smi_entries(static_json):
+        bus = entry.get("bus")
+        bdf = normalize_pci_bus(_smi_text(bus.get("bdf")) if isinstance(bus, Mapping) else None)
+        if bdf is None:
+            continue
+        asic = entry.get("asic") if isinstance(entry.get("asic"), Mapping) else {}
+        vram = entry.get("vram") if isinstance(entry.get("vram"), Mapping) else {}
+        metric = metrics.get(entry.get("gpu"), {})
+        usage = metric.get("mem_usage") if isinstance(metric.get("mem_usage"), Mapping) else {}
+        load = metric.get("usage") if isinstance(metric.get("usage"), Mapping) else {}
+        cus = _smi_number(asic.get("num_compute_units"))
+        busy = _smi_number(load.get("gfx_activity"))
+        gfx = _smi_text(asic.get("target_graphics_version"))
+        records[bdf] = SmiRecord(
+            pci_bus=bdf,
+            name=_smi_text(asic.get("market_name")),
+            gfx_target=gfx if gfx and gfx.startswith("gfx") else None,
+            compute_units=int(cus) if cus else None,
+            memory_total=_smi_bytes(usage.get("total_vram")) or _smi_bytes(vram.get("size")),
+            memory_used=_smi_bytes(usage.get("used_vram")),
+            busy_percent=int(busy) if busy is not None else None,
+        )
+    return records
+
+
+def parse_rocm_smi(text: str) -> dict[str, SmiRecord]:
+    """``rocm-smi --showmeminfo vram --showbus --json`` by PCI bus."""
+    try:
+        data = json.loads(text[text.find("{") :]) if "{" in text else {}
+    except ValueError:
+        return {}
+    records: dict[str, SmiRecord] = {}
+    for card, fields in data.items() if isinstance(data, Mapping) else ():
+        if not str(card).startswith("card") or not isinstance(fields, Mapping):
+            continue
+        bdf = normalize_pci_bus(_smi_text(fields.get("PCI Bus")))
+        if bdf is None:
+            continue
+        records[bdf] = SmiRecord(
+            pci_bus=bdf,
+            memory_total=_smi_bytes(fields.get("VRAM Total Memory (B)"), "B"),
+            memory_used=_smi_bytes(fields.get("VRAM Total Used Memory (B)"), "B"),
+        )
+    return records
+
+
+def _run_tool(argv: Sequence[str], timeout: float) -> str | None:
+    """Stdout of a tool, or ``None`` if it is missing, fails to start or times out."""
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so a timeout can end it all
+        )
+    except OSError:
+        return None
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # Killing only the tool could leave a child holding the pipe open.
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    # amd-smi may exit non-zero after printing what it could read; keep that output.
+    text = out.decode("utf-8", "replace")
+    return text if text.strip() else None
+
+
+def smi_records(timeout: float = SMI_TIMEOUT) -> dict[str, SmiRecord]:
+    """What ``amd-smi`` (preferred) or ``rocm-smi`` reports here, by PCI bus."""
+    exe = shutil.which("amd-smi")
+    if exe:
+        static = _run_tool([exe, "static", "--asic", "--bus", "--vram", "--json"], timeout)
+        if static:
+            metric = _run_tool([exe, "metric", "--mem-usage", "--usage", "--json"], timeout)
+            records = parse_amd_smi(static, metric)
+            if records:
+                return records
+    exe = shutil.which("rocm-smi")
+    if exe:
+        out = _run_tool([exe, "--showmeminfo", "vram", "--showbus", "--json"], timeout)
+        if out:
+            return parse_rocm_smi(out)
+    return {}
+
+
+def apply_smi(gpus: Iterable[GpuInfo], records: Mapping[str, SmiRecord]) -> list[GpuInfo]:
+    """Fill what sysfs left unknown (and the generic name) from SMI records."""
+    filled: list[GpuInfo] = []
+    for gpu in gpus:
+        rec = records.get(gpu.pci_bus or "") if gpu.vendor == "amd" else None
+        if rec is None:
+            filled.append(gpu)
+            continue
+        changes: dict[str, Any] = {}
+        if gpu.name == GENERIC_AMD_NAME and rec.name:
+            changes["name"] = rec.name
+        if gpu.memory_total is None and rec.memory_total is not None:
+            changes["memory_total"] = changes["vram_total"] = rec.memory_total
+            if rec.memory_used is not None:
+                changes["memory_used"] = rec.memory_used
+                changes["memory_free"] = rec.memory_total - rec.memory_used
+        for field in ("gfx_target", "compute_units", "busy_percent"):
+            if getattr(gpu, field) is None and getattr(rec, field) is not None:
+                changes[field] = getattr(rec, field)
+        filled.append(attrs.evolve(gpu, **changes) if changes else gpu)
+    return filled
+
+
+# ---------------------------------------------------------------- NVIDIA via NVML
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    # NVML raises NVMLError_NotSupported for many queries on some boards (e.g. no
+    # utilization counters); one missing value must not hide the GPU.
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
+def _str(value: Any) -> str | None:
+    if isinstance(value, bytes):  # older nvidia-ml-py returns bytes
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def _nvml_gpu(nvml: Any, index: int) -> GpuInfo:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    mem = _call(nvml.nvmlDeviceGetMemoryInfo, handle)
+    util = _call(nvml.nvmlDeviceGetUtilizationRates, handle)
+    pci = _call(nvml.nvmlDeviceGetPciInfo, handle)
+    total = getattr(mem, "total", None)
+    return GpuInfo(
+        index=index,
+        vendor="nvidia",
+        name=_str(_call(nvml.nvmlDeviceGetName, handle)) or "NVIDIA GPU",
+        memory_total=total,
+        memory_used=getattr(mem, "used", None),
+        memory_free=getattr(mem, "free", None),
+        vram_total=total,
+        busy_percent=getattr(util, "gpu", None),
+        pci_bus=normalize_pci_bus(_str(getattr(pci, "busId", None))),
+        unique_id=_str(_call(nvml.nvmlDeviceGetUUID, handle)),
+    )
+
+
+def nvidia_gpus() -> list[GpuInfo]:
+    """NVIDIA GPUs through NVML; ``[]`` without ``nvidia-ml-py`` or a driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return []  # no driver (NVMLError_LibraryNotFound, _DriverNotLoaded, ...)
+    try:
+        count = _call(pynvml.nvmlDeviceGetCount) or 0
+        gpus = []
+        for i in range(count):
+            gpu = _call(_nvml_gpu, pynvml, i)
+            if gpu is not None:
+                gpus.append(gpu)
+        return gpus
+    finally:
+        _call(pynvml.nvmlShutdown)
+
+
+def _nvml_memory(gpu: GpuInfo) -> tuple[int | None, int | None]:
+    try:
+        import pynvml
+    except ImportError:
+        return None, None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None, None
+    try:
+        handle = None
+        if gpu.unique_id:
+            handle = _call(pynvml.nvmlDeviceGetHandleByUUID, gpu.unique_id)
+        if handle is None and gpu.index is not None:
+            handle = _call(pynvml.nvmlDeviceGetHandleByIndex, gpu.index)
+        mem = _call(pynvml.nvmlDeviceGetMemoryInfo, handle) if handle is not None else None
+        return getattr(mem, "used", None), getattr(mem, "free", None)
+    finally:
+        _call(pynvml.nvmlShutdown)
+
+
+# ---------------------------------------------------------------- CPU
+
+
+def _cpu_count() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def _cpu_name(root: Path) -> str:
+    for line in (_read_text(Path(root) / "proc/cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def cpu_info(root: Path = Path("/")) -> GpuInfo:
+    """The CPU as a device: system RAM from ``root``'s ``/proc/meminfo``
+    (``MemAvailable`` counts as free) and the CPUs this process may run on."""
+    meminfo = read_meminfo(root)
+    total, available = meminfo.get("MemTotal"), meminfo.get("MemAvailable")
+    return GpuInfo(
+        index=None,
+        vendor="cpu",
+        name=_cpu_name(root),
+        memory_total=total,
+        memory_used=total - available if total is not None and available is not None else None,
+        memory_free=available,
+        compute_units=_cpu_count(),
+    )
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def detect_gpus(root: Path = Path("/"), *, smi: bool = True) -> list[GpuInfo]:
+    """AMD GPUs (KFD order) then NVIDIA GPUs (NVML order).
+
+    SMI tools and NVML describe the running system, so they are asked only when
+    ``root`` is ``/``; ``amd-smi`` runs only if sysfs left a memory size unknown, or a
+    name generic with no ``amdgpu.ids`` to look it up in.
+    """
+    root = Path(root)
+    gpus = amd_gpus(root)
+    if not _is_live(root):
+        return gpus
+    if smi and any(
+        g.memory_total is None or (g.name == GENERIC_AMD_NAME and _amdgpu_ids_file(root) is None)
+        for g in gpus
+    ):
+        gpus = apply_smi(gpus, smi_records())
+    return gpus + nvidia_gpus()
+
+
+def memory_now(gpu: GpuInfo, root: Path = Path("/")) -> tuple[int | None, int | None]:
+    """(used, free) in bytes, read again now: for watching VRAM while a model loads."""
+    if gpu.vendor == "cpu":
+        refreshed = cpu_info(root)
+        return refreshed.memory_used, refreshed.memory_free
+    if gpu.vendor == "nvidia":
+        return _nvml_memory(gpu)
+    if not gpu.drm_render_minor:
+        return None, None
+    device = Path(root) / DRM_CLASS / f"renderD{gpu.drm_render_minor}" / "device"
+    meminfo = read_meminfo(root) if gpu.integrated else {}
+    _, used, free, _, _ = _amd_memory(device, gpu.integrated, meminfo)
+    return used, free
+
+
+def default_visible_devices(
+    gpus: Sequence[GpuInfo], env: Mapping[str, str] = os.environ
+) -> str | None:
+    """The ``HIP_VISIBLE_DEVICES`` value that leaves integrated AMD GPUs out.
+
+    Only when a discrete AMD GPU is there too (an RX 7800 XT beside a Ryzen iGPU: the
+    iGPU would otherwise take a share of the layers at a fraction of the speed).
+    ``None`` (no restriction) when the iGPU is the only GPU (a Strix Halo APU, where it
+    has most of the memory), when there is nothing to leave out, or when the user
+    already set one of ``VISIBILITY_VARIABLES``.
+    """
+    if any(env.get(name) is not None for name in VISIBILITY_VARIABLES):
+        return None
+    amd = [g for g in gpus if g.vendor == "amd" and g.index is not None]
+    discrete = sorted(g.index for g in amd if not g.integrated and g.index is not None)
+    if not discrete or len(discrete) == len(amd):
+        return None
+    return ",".join(str(i) for i in discrete)
+
+
+# ---------------------------------------------------------------- `rocmux devices`
+
+DEVICE_COLUMNS = (
+    "ID",
+    "Name",
+    "Arch",
+    "Type",
+    "Mem used",
+    "Mem free",
+    "Mem total",
+    "Busy",
+    "CUs",
+    "PCI bus",
+    "Unique id",
+)
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / (1 << 30):.1f} GiB"
+
+
+def devices_table_rows(
+    gpus: Sequence[GpuInfo], cpu: GpuInfo | None = None
+) -> list[tuple[str, ...]]:
+    """One row of ``DEVICE_COLUMNS`` per device, CPU last."""
+    rows = []
+    for dev in [*gpus, *([cpu] if cpu is not None else [])]:
+        kind = "cpu" if dev.vendor == "cpu" else "integrated" if dev.integrated else "discrete"
+        rows.append(
+            (
+                dev.device_id,
+                dev.name,
+                dev.gfx_target or "-",
+                kind,
+                _gib(dev.memory_used),
+                _gib(dev.memory_free),
+                _gib(dev.memory_total),
+                "-" if dev.busy_percent is None else f"{dev.busy_percent}%",
+                "-" if dev.compute_units is None else str(dev.compute_units),
+                dev.pci_bus or "-",
+                dev.unique_id or "-",
+            )
+        )
+    return rows
+
+
+def gpu_to_dict(gpu: GpuInfo) -> dict[str, Any]:
+    """A JSON-ready dict of every field, plus the runtime-style ``id``."""
+    return {"id": gpu.device_id, **attrs.asdict(gpu)}
+
+
+def to_json(
+    gpus: Sequence[GpuInfo], cpu: GpuInfo | None = None, env: Mapping[str, str] = os.environ
+) -> str:
+    """The ``rocmux devices --json`` document."""
+    return json.dumps(
+        {
+            "gpus": [gpu_to_dict(g) for g in gpus],
+            "cpu": gpu_to_dict(cpu) if cpu is not None else None,
+            "hip_visible_devices": default_visible_devices(gpus, env),
+        },
+        indent=2,
+    )
+
+
+def run_devices_command(as_json: bool) -> int:
+    """``rocmux devices``: a table of the devices with live memory use, or JSON."""
+    gpus = detect_gpus()
+    cpu = cpu_info()
+    if as_json:
+        print(to_json(gpus, cpu))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    # A narrow terminal keeps the columns needed to pick a device and watch its memory.
+    narrow = ("CUs", "PCI bus", "Unique id")
+    keep = [i for i, c in enumerate(DEVICE_COLUMNS) if console.width >= 120 or c not in narrow]
+    table = Table(show_edge=False)
+    for i in keep:
+        column = DEVICE_COLUMNS[i]
+        right = column.startswith(("Mem", "Busy", "CUs"))
+        table.add_column(column, justify="right" if right else "left", no_wrap=column != "Name")
+    for row in devices_table_rows(gpus, cpu):
+        table.add_row(*(Text(row[i]) for i in keep))  # Text: names are not markup
+    console.print(table)
+    if not gpus:
+        console.print("No GPU found (no KFD topology, no NVML); runtimes will use the CPU.")
+    visible = default_visible_devices(gpus)
+    if visible is not None:
+        console.print(Text(f"Integrated GPU left out by default: HIP_VISIBLE_DEVICES={visible}"))
+    return 0

@@ -1,0 +1,543 @@
+"""Device detection from recorded sysfs trees, SMI output and a fake NVML.
+
+The trees under tests/data/sysfs were built from the kernel's documentation and source,
+not captured from hardware (see their README); the amd-smi samples likewise from AMD's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from rocmux import devices
+from rocmux.devices import GpuInfo
+
+DATA = Path(__file__).parent / "data"
+DGPU = DATA / "sysfs" / "rdna3_dgpu"
+APU = DATA / "sysfs" / "apu_strix_halo"
+SMI = DATA / "amd_smi"
+MIB = 1 << 20
+NODES = Path("sys/class/kfd/kfd/topology/nodes")
+
+
+def copy_tree(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def set_property(root: Path, node: int, name: str, value: int) -> None:
+    path = root / NODES / str(node) / "properties"
+    lines = [
+        f"{name} {value}" if line.split()[0] == name else line
+        for line in path.read_text().splitlines()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write(path: Path, value: object) -> None:
+    path.write_text(f"{value}\n")
+
+
+@pytest.fixture
+def no_visibility_env(monkeypatch):
+    for name in devices.VISIBILITY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+# ------------------------------------------------------------------ recorded sysfs trees
+
+
+def test_dgpu_tree_finds_the_discrete_card_and_the_igpu():
+    dgpu, igpu = devices.detect_gpus(DGPU)
+
+    assert (dgpu.index, dgpu.kfd_node, dgpu.drm_render_minor) == (0, 1, 128)
+    assert dgpu.vendor == "amd"
+    assert dgpu.name == "AMD Radeon RX 7900 XTX"  # amdgpu.ids, 744C rev C8
+    assert dgpu.gfx_target == "gfx1100"
+    assert not dgpu.integrated
+    assert (dgpu.simd_count, dgpu.compute_units) == (192, 96)
+    assert dgpu.memory_total == dgpu.vram_total == 25753026560
+    assert dgpu.memory_used == 1610612736
+    assert dgpu.memory_free == 25753026560 - 1610612736
+    assert dgpu.gtt_total == 33736474624
+    assert dgpu.busy_percent == 3
+    assert dgpu.pci_bus == "0000:03:00.0"  # from location_id 768 and domain 0
+    assert dgpu.unique_id == "GPU-4f8a2c1d9b3e7a05"  # KFD's decimal unique_id, as hex
+
+    assert (igpu.index, igpu.kfd_node, igpu.drm_render_minor) == (1, 2, 129)
+    assert igpu.name == devices.GENERIC_AMD_NAME  # 164E rev C1 is not in amdgpu.ids
+    assert igpu.gfx_target == "gfx1036"
+    assert igpu.integrated
+    assert igpu.compute_units == 2
+    assert igpu.pci_bus == "0000:13:00.0"
+    assert igpu.unique_id is None  # unique_id 0 and no amdgpu unique_id file
+
+
+def test_igpu_memory_is_carveout_plus_gtt():
+    igpu = devices.detect_gpus(DGPU)[1]
+    vram_total, vram_used = 536870912, 29360128
+    gtt_total, gtt_used = 33736474624, 52428800
+    assert igpu.vram_total == vram_total
+    assert igpu.memory_total == vram_total + gtt_total
+    assert igpu.memory_used == vram_used + gtt_used
+    # MemAvailable (58214320 kB) exceeds the free GTT here, so GTT is the limit.
+    assert igpu.memory_free == (vram_total - vram_used) + (gtt_total - gtt_used)
+
+
+def test_strix_halo_apu_is_one_integrated_gpu_with_most_of_the_memory():
+    (gpu,) = devices.detect_gpus(APU)
+    assert gpu.index == 0
+    assert gpu.name == "AMD Radeon 8060S Graphics"
+    assert gpu.gfx_target == "gfx1151"
+    assert gpu.integrated
+    assert gpu.compute_units == 40
+    assert gpu.pci_bus == "0000:c5:00.0"
+    assert gpu.vram_total == 512 * MIB
+    assert gpu.memory_total == 512 * MIB + 120 * 1024 * MIB
+    # Free GTT (118 GiB) is more than the RAM still available: RAM is the limit.
+    mem_available = 121634816 * 1024
+    assert mem_available < 120 * 1024 * MIB - 2048 * MIB
+    assert gpu.memory_free == (512 * MIB - 96468992) + mem_available
+    assert gpu.memory_free > 100 * 1024 * MIB
+
+
+def test_hip_index_follows_kfd_node_order(tmp_path):
+    root = copy_tree(DGPU, tmp_path)
+    nodes = root / NODES
+    (nodes / "1").rename(nodes / "tmp")
+    (nodes / "2").rename(nodes / "1")
+    (nodes / "tmp").rename(nodes / "2")
+
+    igpu, dgpu = devices.amd_gpus(root)
+    assert (igpu.gfx_target, igpu.index, igpu.kfd_node) == ("gfx1036", 0, 1)
+    assert (dgpu.gfx_target, dgpu.index, dgpu.kfd_node) == ("gfx1100", 1, 2)
+    assert devices.default_visible_devices([igpu, dgpu], env={}) == "1"
+
+
+def test_gpu_without_a_usable_render_node_gets_no_index(tmp_path):
+    root = copy_tree(DGPU, tmp_path)
+    (root / "dev/dri").mkdir(parents=True)
+    (root / "dev/dri/renderD129").touch()  # renderD128 is missing, as in a container
+
+    dgpu, igpu = devices.amd_gpus(root)
+    assert dgpu.index is None
+    assert igpu.index == 0  # the runtime numbers only the GPUs it can open
+    assert dgpu.device_id == "ROCm:0000:03:00.0"
+    assert devices.default_visible_devices([dgpu, igpu], env={}) is None
+
+
+def test_cpu_nodes_and_non_numeric_lines_are_skipped(tmp_path):
+    root = copy_tree(APU, tmp_path)
+    props = root / NODES / "1" / "properties"
+    props.write_text(props.read_text() + "gpu_family gfx115X\n")
+    assert devices.parse_kfd_properties(props.read_text())["gfx_target_version"] == 110501
+    assert "gpu_family" not in devices.parse_kfd_properties(props.read_text())
+    assert [g.kfd_node for g in devices.amd_gpus(root)] == [1]
+
+
+@pytest.mark.parametrize(
+    ("change", "integrated"),
+    [
+        # A KFD "APU node" (CPU cores and SIMDs) on an older kernel, unknown target.
+        ({"cpu_cores_count": 16, "gfx_target_version": 120001}, True),
+        # A target not in the APU table with a carve-out sized VRAM.
+        ({"gfx_target_version": 120001, "vram": 512 * MIB}, True),
+        # The same target with real VRAM: discrete.
+        ({"gfx_target_version": 120001}, False),
+        # An APU target decides even with a large carve-out (96 GiB on Strix Halo).
+        ({"vram": 96 * 1024 * MIB}, True),
+    ],
+)
+def test_integrated_gpu_signals(tmp_path, change, integrated):
+    root = copy_tree(APU, tmp_path)
+    for name, value in change.items():
+        if name == "vram":
+            write(root / "sys/class/drm/renderD128/device/mem_info_vram_total", value)
+        else:
+            set_property(root, 1, name, value)
+    if "vram" not in change and change.get("gfx_target_version") == 120001:
+        write(root / "sys/class/drm/renderD128/device/mem_info_vram_total", 16 * 1024 * MIB)
+    (gpu,) = devices.amd_gpus(root)
+    assert gpu.integrated is integrated
+
+
+def test_local_mem_size_is_not_taken_as_a_signal(tmp_path):
+    # node_show() prints local_mem_size 0 for every GPU, so 0 must not mean "integrated".
+    dgpu = devices.amd_gpus(DGPU)[0]
+    text = (DGPU / NODES / "1" / "properties").read_text()
+    assert "local_mem_size 0" in text
+    assert not dgpu.integrated
+
+
+def test_no_kfd_topology_means_no_amd_gpu(tmp_path):
+    assert devices.amd_gpus(tmp_path) == []
+    assert devices.detect_gpus(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("version", "target"),
+    [(110000, "gfx1100"), (110001, "gfx1101"), (90012, "gfx90c"), (90010, "gfx90a")]
+    + [(100306, "gfx1036"), (110501, "gfx1151"), (120001, "gfx1201"), (0, None)],
+)
+def test_gfx_target_name(version, target):
+    assert devices.gfx_target_name(version) == target
+
+
+def test_amdgpu_ids_lookup_is_exact_and_first_wins():
+    ids = devices.parse_amdgpu_ids(
+        "# comment\n\n1.0.0\n744C,\tC8,\tAMD Radeon RX 7900 XTX\n"
+        "744C,\tC8,\tsecond entry\n744C,\tCC,\tAMD Radeon RX 7900 XT\n"
+    )
+    assert ids == {
+        (0x744C, 0xC8): "AMD Radeon RX 7900 XTX",
+        (0x744C, 0xCC): "AMD Radeon RX 7900 XT",
+    }
+
+
+def test_normalize_pci_bus():
+    assert devices.normalize_pci_bus("00000000:01:00.0") == "0000:01:00.0"  # NVML
+    assert devices.normalize_pci_bus("03:00.0") == "0000:03:00.0"
+    assert devices.normalize_pci_bus("0000:C5:00.1") == "0000:c5:00.1"
+    assert devices.normalize_pci_bus("N/A") is None
+
+
+# ------------------------------------------------------------------ HIP_VISIBLE_DEVICES
+
+
+def test_default_visible_devices_leaves_the_igpu_out():
+    assert devices.default_visible_devices(devices.amd_gpus(DGPU), env={}) == "0"
+
+
+def test_default_visible_devices_keeps_a_lone_apu():
+    assert devices.default_visible_devices(devices.amd_gpus(APU), env={}) is None
+
+
+@pytest.mark.parametrize("variable", devices.VISIBILITY_VARIABLES)
+def test_default_visible_devices_lets_the_user_win(variable):
+    gpus = devices.amd_gpus(DGPU)
+    assert devices.default_visible_devices(gpus, env={variable: "1"}) is None
+    assert devices.default_visible_devices(gpus, env={variable: ""}) is None
+
+
+def test_default_visible_devices_without_amd_gpus():
+    assert devices.default_visible_devices([], env={}) is None
+    only_dgpu = devices.amd_gpus(DGPU)[:1]
+    assert devices.default_visible_devices(only_dgpu, env={}) is None
+
+
+# ------------------------------------------------------------------ live re-reads
+
+
+def test_memory_now_rereads_sysfs(tmp_path):
+    root = copy_tree(DGPU, tmp_path)
+    dgpu, igpu = devices.amd_gpus(root)
+    assert devices.memory_now(dgpu, root) == (dgpu.memory_used, dgpu.memory_free)
+
+    device = root / "sys/class/drm/renderD128/device"
+    write(device / "mem_info_vram_used", 20 * 1024 * MIB)
+    used, free = devices.memory_now(dgpu, root)
+    assert used == 20 * 1024 * MIB
+    assert free == 25753026560 - 20 * 1024 * MIB
+
+    write(root / "sys/class/drm/renderD129/device/mem_info_gtt_used", 4 * 1024 * MIB)
+    used, free = devices.memory_now(igpu, root)
+    assert used == 29360128 + 4 * 1024 * MIB
+    assert free == (536870912 - 29360128) + (33736474624 - 4 * 1024 * MIB)
+
+
+def test_memory_now_of_the_cpu_reads_meminfo():
+    used, free = devices.memory_now(devices.cpu_info(APU), APU)
+    assert free == 121634816 * 1024
+    assert used == (131941232 - 121634816) * 1024
+
+
+def test_to_device():
+    dgpu, igpu = devices.amd_gpus(DGPU)
+    device = dgpu.to_device()
+    assert (device.id, device.kind, device.name) == ("ROCm0", "rocm", "AMD Radeon RX 7900 XTX")
+    assert (device.memory_total, device.memory_free) == (dgpu.memory_total, dgpu.memory_free)
+    assert igpu.to_device().id == "ROCm1"
+    assert devices.cpu_info().to_device().kind == "cpu"
+
+
+# ------------------------------------------------------------------ CPU fallback
+
+
+def test_cpu_info_on_this_machine_is_plausible():
+    cpu = devices.cpu_info()
+    assert cpu.vendor == "cpu" and cpu.index is None and cpu.name
+    assert cpu.compute_units is not None
+    assert 1 <= cpu.compute_units <= (os.cpu_count() or 1)
+    assert cpu.memory_total is not None and cpu.memory_total > 64 * MIB
+    assert cpu.memory_free is not None and 0 < cpu.memory_free <= cpu.memory_total
+    assert cpu.memory_used == cpu.memory_total - cpu.memory_free
+
+
+def test_cpu_info_from_a_recorded_tree():
+    cpu = devices.cpu_info(DGPU)
+    assert cpu.name == "AMD Ryzen 9 7950X 16-Core Processor"
+    assert cpu.memory_total == 65891552 * 1024
+    assert cpu.memory_free == 58214320 * 1024
+
+
+# ------------------------------------------------------------------ amd-smi / rocm-smi
+
+
+def test_amd_smi_json_from_the_recorded_sample():
+    records = devices.parse_amd_smi(
+        (SMI / "static.json").read_text(), (SMI / "metric.json").read_text()
+    )
+    assert set(records) == {"0000:03:00.0", "0000:13:00.0"}
+    dgpu = records["0000:03:00.0"]
+    assert dgpu.name == "AMD Radeon RX 7900 XTX"
+    assert dgpu.gfx_target == "gfx1100"
+    assert dgpu.compute_units == 96
+    assert dgpu.memory_total == 24560 * MIB  # amd-smi's "MB" is MiB
+    assert dgpu.memory_used == 1536 * MIB
+    assert dgpu.busy_percent == 3
+    igpu = records["0000:13:00.0"]
+    assert (igpu.gfx_target, igpu.memory_total, igpu.busy_percent) == ("gfx1036", 512 * MIB, 0)
+
+
+def test_amd_smi_bare_list_and_metric_matched_by_gpu_field():
+    static = json.loads((SMI / "static.json").read_text())["gpu_data"]
+    metric = json.loads((SMI / "metric.json").read_text())["gpu_data"]
+    records = devices.parse_amd_smi(
+        "WARNING: something amd-smi printed first\n" + json.dumps(static),
+        json.dumps(list(reversed(metric))),
+    )
+    assert records["0000:03:00.0"].memory_used == 1536 * MIB
+    assert records["0000:13:00.0"].memory_used == 28 * MIB
+
+
+def test_amd_smi_without_metric_uses_the_static_vram_size():
+    records = devices.parse_amd_smi((SMI / "static.json").read_text())
+    assert records["0000:03:00.0"].memory_total == 24560 * MIB
+    assert records["0000:03:00.0"].memory_used is None
+    assert records["0000:03:00.0"].busy_percent is None
+
+
+@pytest.mark.parametrize("text", ["", "not json", "{", "[1, 2]", '{"gpu_data": 5}'])
+def test_amd_smi_garbage_gives_no_records(text):
+    assert devices.parse_amd_smi(text, text) == {}
+
+
+def test_amd_smi_plain_and_na_values():
+    static = [
+        {
+            "gpu": 0,
+            "asic": {"market_name": "N/A", "target_graphics_version": "N/A"},
+            "bus": {"bdf": "0000:03:00.0"},
+            "vram": {"size": "24560 MB"},
+        }
+    ]
+    metric = [{"gpu": 0, "mem_usage": {"used_vram": 100}, "usage": {"gfx_activity": "N/A"}}]
+    (record,) = devices.parse_amd_smi(json.dumps(static), json.dumps(metric)).values()
+    assert record.name is None and record.gfx_target is None
+    assert record.memory_total == 24560 * MIB
+    assert record.memory_used == 100 * MIB
+    assert record.busy_percent is None
+
+
+def test_rocm_smi_json_from_the_recorded_sample():
+    records = devices.parse_rocm_smi((SMI / "rocm_smi_meminfo.json").read_text())
+    assert records["0000:03:00.0"].memory_total == 25753026560
+    assert records["0000:13:00.0"].memory_used == 29360128
+    assert devices.parse_rocm_smi("garbage") == {}
+
+
+def test_apply_smi_fills_only_what_sysfs_left_unknown():
+    records = devices.parse_amd_smi(
+        (SMI / "static.json").read_text(), (SMI / "metric.json").read_text()
+    )
+    dgpu, igpu = devices.amd_gpus(DGPU)
+    bare = GpuInfo(index=0, vendor="amd", name=devices.GENERIC_AMD_NAME, pci_bus="0000:03:00.0")
+    filled_bare, filled_dgpu, filled_igpu = devices.apply_smi([bare, dgpu, igpu], records)
+    assert filled_bare.name == "AMD Radeon RX 7900 XTX"
+    assert filled_bare.memory_total == 24560 * MIB
+    assert filled_bare.memory_free == (24560 - 1536) * MIB
+    assert (filled_bare.gfx_target, filled_bare.compute_units) == ("gfx1100", 96)
+    assert filled_dgpu == dgpu  # sysfs knew everything already
+    assert filled_igpu.memory_total == igpu.memory_total  # carve-out + GTT kept
+
+
+def fake_tool(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+def test_smi_records_runs_amd_smi(tmp_path, monkeypatch):
+    fake_tool(
+        tmp_path,
+        "amd-smi",
+        f'case "$1" in static) cat "{SMI}/static.json";; metric) cat "{SMI}/metric.json";; esac',
+    )
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    records = devices.smi_records()
+    assert records["0000:03:00.0"].memory_used == 1536 * MIB
+
+
+def test_smi_records_falls_back_to_rocm_smi(tmp_path, monkeypatch):
+    fake_tool(tmp_path, "amd-smi", "exit 1")
+    fake_tool(tmp_path, "rocm-smi", f'cat "{SMI}/rocm_smi_meminfo.json"')
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert devices.smi_records()["0000:03:00.0"].memory_total == 25753026560
+
+
+def test_smi_tool_that_hangs_times_out(tmp_path, monkeypatch):
+    # Not exec: the shell's child keeps the pipe open after the shell is gone.
+    fake_tool(tmp_path, "amd-smi", "sleep 30\necho '[]'")
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert devices.smi_records(timeout=0.5) == {}
+
+
+def test_no_smi_tool_installed(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert devices.smi_records() == {}
+
+
+# ------------------------------------------------------------------ NVIDIA via NVML
+
+
+def test_nvml_path_is_empty_without_nvidia_ml_py(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
+    assert devices.nvidia_gpus() == []
+
+
+def test_nvml_on_this_machine():
+    if importlib.util.find_spec("pynvml") is not None:
+        pytest.skip("nvidia-ml-py is installed here")
+    assert devices.nvidia_gpus() == []
+
+
+class NotSupported(Exception):
+    pass
+
+
+def fake_pynvml(calls: list[str]) -> types.ModuleType:
+    """A stand-in for nvidia-ml-py with two GPUs: a unit test of the parsing only."""
+    module = types.ModuleType("pynvml")
+    boards = [
+        ("NVIDIA GeForce RTX 4090", "GPU-1111", "00000000:01:00.0", (24 << 30, 2 << 30), 37),
+        (b"NVIDIA RTX A2000", "GPU-2222", "00000000:C1:00.0", (6 << 30, 1 << 30), None),
+    ]
+
+    def util(handle):
+        if boards[handle][4] is None:
+            raise NotSupported("no utilization counters")
+        return types.SimpleNamespace(gpu=boards[handle][4], memory=5)
+
+    def memory(handle):
+        total, used = boards[handle][3]
+        return types.SimpleNamespace(total=total, used=used, free=total - used)
+
+    module.nvmlInit = lambda: calls.append("init")
+    module.nvmlShutdown = lambda: calls.append("shutdown")
+    module.nvmlDeviceGetCount = lambda: len(boards)
+    module.nvmlDeviceGetHandleByIndex = lambda i: i
+    module.nvmlDeviceGetHandleByUUID = lambda uuid: [b[1] for b in boards].index(uuid)
+    module.nvmlDeviceGetName = lambda h: boards[h][0]
+    module.nvmlDeviceGetUUID = lambda h: boards[h][1]
+    module.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=boards[h][2].encode())
+    module.nvmlDeviceGetMemoryInfo = memory
+    module.nvmlDeviceGetUtilizationRates = util
+    return module
+
+
+def test_nvml_parsing_with_a_fake_module(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(calls))
+    first, second = devices.nvidia_gpus()
+    assert calls == ["init", "shutdown"]
+
+    assert (first.index, first.vendor, first.name) == (0, "nvidia", "NVIDIA GeForce RTX 4090")
+    assert first.unique_id == "GPU-1111"
+    assert first.pci_bus == "0000:01:00.0"
+    assert (first.memory_total, first.memory_used) == (24 << 30, 2 << 30)
+    assert first.memory_free == 22 << 30
+    assert first.busy_percent == 37
+    assert first.gfx_target is None and not first.integrated
+    assert first.to_device().id == "CUDA0" and first.to_device().kind == "cuda"
+
+    assert second.name == "NVIDIA RTX A2000"  # bytes from older nvidia-ml-py
+    assert second.pci_bus == "0000:c1:00.0"
+    assert second.busy_percent is None  # NotSupported does not drop the GPU
+
+    assert devices.memory_now(second) == (1 << 30, 5 << 30)
+
+
+def test_nvml_without_a_driver(monkeypatch):
+    module = fake_pynvml([])
+
+    def fail():
+        raise NotSupported("NVML Shared Library Not Found")
+
+    module.nvmlInit = fail
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    assert devices.nvidia_gpus() == []
+
+
+# ------------------------------------------------------------------ `rocmux devices`
+
+
+def test_table_rows():
+    rows = devices.devices_table_rows(devices.amd_gpus(DGPU), devices.cpu_info(DGPU))
+    assert [len(row) for row in rows] == [len(devices.DEVICE_COLUMNS)] * 3
+    assert rows[0][:4] == ("ROCm0", "AMD Radeon RX 7900 XTX", "gfx1100", "discrete")
+    assert rows[0][4:7] == ("1.5 GiB", "22.5 GiB", "24.0 GiB")
+    assert rows[1][3] == "integrated"
+    assert rows[2][0] == "CPU" and rows[2][3] == "cpu"
+
+
+def test_run_devices_command_json(monkeypatch, capsys, no_visibility_env):
+    monkeypatch.setattr(devices, "detect_gpus", lambda: devices.amd_gpus(DGPU))
+    assert devices.run_devices_command(as_json=True) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [g["id"] for g in doc["gpus"]] == ["ROCm0", "ROCm1"]
+    assert doc["gpus"][1]["integrated"] is True
+    assert doc["gpus"][0]["memory_free"] == 25753026560 - 1610612736
+    assert doc["cpu"]["vendor"] == "cpu"
+    assert doc["hip_visible_devices"] == "0"
+
+
+def test_run_devices_command_table(monkeypatch, capsys, no_visibility_env):
+    monkeypatch.setattr(devices, "detect_gpus", lambda: devices.amd_gpus(DGPU))
+    monkeypatch.setenv("COLUMNS", "250")
+    assert devices.run_devices_command(as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "AMD Radeon RX 7900 XTX" in out and "gfx1036" in out and "CPU" in out
+    assert "HIP_VISIBLE_DEVICES=0" in out
+
+
+def test_run_devices_command_on_this_machine(capsys):
+    assert devices.run_devices_command(as_json=True) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["cpu"]["memory_total"] > 0
+    if not Path("/sys/class/kfd").exists():
+        assert [g for g in doc["gpus"] if g["vendor"] == "amd"] == []
+
+
+def test_import_does_no_io():
+    # An audit hook records every file the import opens and every process it starts.
+    code = (
+        "import sys\n"
+        "seen = []\n"
+        "sys.addaudithook(lambda e, a: seen.append((e, str(a[0]))) "
+        "if e in ('open', 'subprocess.Popen', 'os.listdir', 'os.scandir') else None)\n"
+        "import rocmux.devices\n"
+        "print([s for s in seen if s[0] == 'subprocess.Popen'"
+        " or s[1].startswith(('/sys', '/proc', '/dev')) or 'amdgpu.ids' in s[1]])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
