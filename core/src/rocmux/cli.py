@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rocmux import __version__
@@ -44,6 +45,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, dest="context_len", help="context length")
     p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU")
     p.add_argument("--stats", action="store_true", help="print token counts and speed")
+
+    p = sub.add_parser("serve", help="serve models behind one OpenAI-compatible endpoint")
+    p.add_argument(
+        "-m",
+        "--model",
+        action="append",
+        type=Path,
+        default=[],
+        help="GGUF to offer (repeatable; default: rocmux.toml [[models]] or SmolLM2)",
+    )
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8080)")
+    p.add_argument("--max-loaded", type=int, help="models loaded at once")
+    p.add_argument("--ctx-size", type=int, dest="context_len", help="context length")
+    p.add_argument("--parallel", type=int, help="parallel slots per model")
 
     p = sub.add_parser("setup", help="install or build a runtime (e.g. `setup llamacpp_hip`)")
     p.add_argument("name", metavar="BACKEND")
@@ -217,6 +233,35 @@ async def _run_async(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import anyio
+    import attrs
+
+    from rocmux.config import load_config
+    from rocmux.serve import serve
+
+    config = load_config()
+    overrides = {
+        k: getattr(args, k) for k in ("context_len", "parallel") if getattr(args, k) is not None
+    }
+    load = attrs.evolve(config.load, **overrides) if overrides else None
+    if args.backend:
+        import os
+
+        os.environ["ROCMUX_BACKEND"] = args.backend
+    anyio.run(
+        lambda: serve(
+            config,
+            host=args.host,
+            port=args.port,
+            models=args.model,
+            load=load,
+            max_loaded=args.max_loaded,
+        )
+    )
+    return 0
+
+
 def _cmd_setup(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -249,6 +294,7 @@ _COMMANDS = {
     "backends": _cmd_backends,
     "plugins": _cmd_plugins,
     "run": _cmd_run,
+    "serve": _cmd_serve,
     "setup": _cmd_setup,
 }
 

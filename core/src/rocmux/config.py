@@ -18,6 +18,28 @@ Recognised keys (every one optional)::
 
     [backends.llamacpp_hip]        # options read by that backend's plugin
     server = "/opt/llama.cpp/build/bin/llama-server"
+
+    [server]                       # `rocmux serve`
+    host = "127.0.0.1"             # default: loopback only
+    port = 8080
+    api_keys = ["sk-local-1"]      # Bearer keys; also $ROCMUX_API_KEYS (comma-separated)
+    max_body_bytes = 1048576       # larger requests get 413
+
+    [limits]
+    max_loaded = 2                 # models loaded at once
+    idle_ttl = 900                 # seconds idle before a model is unloaded (0: never)
+    queue_length = 256             # requests waiting per model beyond its slots, then 503
+    queue_timeout = 60             # seconds a request waits for room before 503
+    max_restarts = 3               # crash restarts per model within restart_window
+    restart_window = 300
+
+    [[models]]                     # what `rocmux serve` offers; default: the default model
+    name = "smollm2"
+    path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    backend = "llamacpp_hip"       # optional
+    aliases = ["default"]
+    [models.load]                  # LoadConfig for this model
+    context_len = 4096
 """
 
 from __future__ import annotations
@@ -33,7 +55,17 @@ import attrs
 from rocmux.errors import ConfigError
 from rocmux.types import GenerateConfig, LoadConfig
 
-_TOP_KEYS = {"backend", "model", "model_dirs", "load", "generate", "backends"}
+_TOP_KEYS = {
+    "backend",
+    "model",
+    "model_dirs",
+    "load",
+    "generate",
+    "backends",
+    "server",
+    "limits",
+    "models",
+}
 
 
 def config_path() -> Path | None:
@@ -64,6 +96,62 @@ def _build(cls: type[Any], table: object, where: str) -> Any:
 
 
 @attrs.frozen(kw_only=True)
+class ServerSettings:
+    """``[server]``: where ``rocmux serve`` listens and who may use it."""
+
+    host: str = attrs.field(default="127.0.0.1", validator=attrs.validators.instance_of(str))
+    port: int = attrs.field(
+        default=8080,
+        validator=[
+            attrs.validators.instance_of(int),
+            attrs.validators.ge(0),
+            attrs.validators.le(65535),
+        ],
+    )
+    api_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    max_body_bytes: int = attrs.field(default=1 << 20, validator=attrs.validators.gt(0))
+
+    @api_keys.validator
+    def _check_keys(self, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+        if not all(isinstance(k, str) and k for k in value):
+            raise ValueError("api_keys must be non-empty strings")
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """``[limits]``: how many models stay loaded and how long requests wait."""
+
+    max_loaded: int = attrs.field(default=2, validator=attrs.validators.ge(1))
+    idle_ttl: float = attrs.field(default=900.0, validator=attrs.validators.ge(0))
+    queue_length: int = attrs.field(default=256, validator=attrs.validators.ge(0))
+    queue_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    max_restarts: int = attrs.field(default=3, validator=attrs.validators.ge(0))
+    restart_window: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+
+
+@attrs.frozen(kw_only=True)
+class ModelEntry:
+    """One ``[[models]]`` table: a model ``rocmux serve`` offers under ``name``."""
+
+    name: str = attrs.field(validator=attrs.validators.min_len(1))
+    path: Path | None = attrs.field(
+        default=None, converter=attrs.converters.optional(lambda p: Path(p).expanduser())
+    )
+    backend: str | None = None
+    aliases: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    load: LoadConfig = attrs.field(factory=LoadConfig)
+
+    @classmethod
+    def from_table(cls, table: object, where: str) -> ModelEntry:
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where} must be a table")
+        data = dict(table)
+        load = _build(LoadConfig, data.pop("load", {}), f"{where}.load")
+        entry = _build(cls, data, where)
+        return attrs.evolve(entry, load=load)
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     """The parsed configuration."""
 
@@ -74,6 +162,9 @@ class Config:
     load: LoadConfig = attrs.field(factory=LoadConfig)
     generate: GenerateConfig = attrs.field(factory=GenerateConfig)
     backends: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    server: ServerSettings = attrs.field(factory=ServerSettings)
+    limits: Limits = attrs.field(factory=Limits)
+    models: tuple[ModelEntry, ...] = ()
 
     @classmethod
     def from_toml(cls, path: Path) -> Config:
@@ -115,11 +206,29 @@ class Config:
             load=_build(LoadConfig, data.get("load", {}), "load"),
             generate=_build(GenerateConfig, data.get("generate", {}), "generate"),
             backends=dict(backends),
+            server=_build(ServerSettings, data.get("server", {}), "server"),
+            limits=_build(Limits, data.get("limits", {}), "limits"),
+            models=_models(data.get("models", []), where),
         )
 
     def backend_options(self, name: str) -> Mapping[str, Any]:
         """The ``[backends.NAME]`` table, empty when absent."""
         return self.backends.get(name, {})
+
+
+def _models(raw: object, where: str) -> tuple[ModelEntry, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"'models' in {where} must be an array of tables ([[models]])")
+    entries = tuple(ModelEntry.from_table(t, f"models[{i}]") for i, t in enumerate(raw))
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        for name in (entry.name, *entry.aliases):
+            if name in seen:
+                raise ConfigError(
+                    f"model name {name!r} is used twice (models[{seen[name]}] and models[{i}])"
+                )
+            seen[name] = i
+    return entries
 
 
 _cached: Config | None = None

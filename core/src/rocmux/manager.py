@@ -158,7 +158,7 @@ class PluginManager:
             return self._registry
         from rocmux.registry import BackendRegistry
 
-        registry = BackendRegistry()
+        registry = BackendRegistry(manager=self)
         for plugin, function in self._each_impl("rocmux_register_backends"):
             registry._plugin = plugin
             snapshot = dict(registry._entries)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 
 from rocmux.backend import Backend
 from rocmux.errors import BackendNotFound, PluginError
+
+if TYPE_CHECKING:
+    from rocmux.manager import PluginManager
 
 
 @attrs.frozen
@@ -26,6 +30,9 @@ class RegisteredBackend:
 class BackendRegistry:
     """Backends by name. Handed to each plugin's ``rocmux_register_backends`` hook."""
 
+    manager: PluginManager | None = None
+    """The plugin manager that built this registry; backends that spawn runtimes hand
+    it to them so lifecycle events reach the same observers."""
     _entries: dict[str, RegisteredBackend] = attrs.field(factory=dict, init=False)
     _plugin: str = attrs.field(default="?", init=False)
 

@@ -75,6 +75,10 @@ class ServedModel(TextModel):
         if old_client is not None:
             await old_client.aclose()
 
+    async def ensure_running(self) -> None:
+        """Restart the server if it died (bounded by ``max_restarts``); no-op if running."""
+        await self._ensure_running()
+
     async def _ensure_running(self) -> OpenAIClient:
         if self._closed:
             raise ModelClosed(

@@ -17,7 +17,7 @@ NAME = "llamacpp_hip"
 def rocmux_register_backends(registry: BackendRegistry) -> None:
     from rocmux_llamacpp_hip.backend import LlamaCppBackend
 
-    registry.add(LlamaCppBackend())
+    registry.add(LlamaCppBackend(plugins=registry.manager))
 
 
 @hookimpl

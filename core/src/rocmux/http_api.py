@@ -1,0 +1,591 @@
+"""The OpenAI-compatible HTTP API of ``rocmux serve`` (starlette).
+
+Runtimes that serve HTTP themselves (llama-server, vLLM) are proxied byte for byte:
+no re-encoding on the hot path. Other runtimes are driven through ``TextModel`` and
+their tokens encoded as OpenAI chunks here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import attrs
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from rocmux.config import ServerSettings
+from rocmux.errors import RocmuxError, ServerCrashed
+from rocmux.pool import Instance, ModelPool, ModelUnknown, PoolBusy
+from rocmux.types import GenerateConfig, Message
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def error_response(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """An error in OpenAI's JSON shape."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+@attrs.define(eq=False, slots=False)
+class Metrics:
+    """Prometheus metrics of one server (own registry, so tests can run several)."""
+
+    registry: CollectorRegistry = attrs.field(factory=CollectorRegistry)
+
+    def __attrs_post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "rocmux_requests", "HTTP requests answered", ["model", "endpoint", "status"], registry=r
+        )
+        self.tokens = Counter("rocmux_tokens", "Tokens processed", ["model", "kind"], registry=r)
+        self.ttft = Histogram(
+            "rocmux_time_to_first_token_seconds",
+            "Request arrival to first streamed byte",
+            ["model"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.loads = Counter("rocmux_model_loads", "Model loads", ["model"], registry=r)
+        self.load_seconds = Histogram(
+            "rocmux_model_load_seconds", "Time to load a model", ["model"], registry=r
+        )
+        self.evictions = Counter(
+            "rocmux_model_evictions", "Models unloaded", ["model", "reason"], registry=r
+        )
+        self.crashes = Counter(
+            "rocmux_runtime_crashes", "Runtime processes that died", ["model"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "rocmux_queue_depth", "Requests waiting beyond the slots", ["model"], registry=r
+        )
+        self.in_flight = Gauge(
+            "rocmux_requests_in_flight", "Requests being served", ["model"], registry=r
+        )
+        self.loaded = Gauge("rocmux_models_loaded", "Instances loaded", registry=r)
+
+    def on_load(self, instance: Instance) -> None:
+        self.loads.labels(instance.entry.name).inc()
+        if instance.load_seconds is not None:
+            self.load_seconds.labels(instance.entry.name).observe(instance.load_seconds)
+
+    def on_evict(self, instance: Instance, reason: str) -> None:
+        self.evictions.labels(instance.entry.name, reason).inc()
+
+    def on_crash(self, instance: Instance) -> None:
+        self.crashes.labels(instance.entry.name).inc()
+
+    def record_usage(self, model: str, usage: object) -> None:
+        if isinstance(usage, dict):
+            for kind in ("prompt_tokens", "completion_tokens"):
+                value = usage.get(kind)
+                if isinstance(value, int) and value >= 0:
+                    self.tokens.labels(model, kind.removesuffix("_tokens")).inc(value)
+
+
+class _Stream(StreamingResponse):
+    """A streaming response whose cleanup runs even if the body never starts
+    (a client that disconnects at once)."""
+
+    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
+
+
+def _usage_from_tail(tail: bytes) -> object:
+    """The last ``usage`` object in the tail of an OpenAI event stream, if any."""
+    for line in reversed(tail.split(b"\n")):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            try:
+                return json.loads(line[6:]).get("usage")
+            except (ValueError, AttributeError):
+                return None
+    return None
+
+
+def _sse(data: object) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+@attrs.define(eq=False)
+class Api:
+    """Request handlers over a pool."""
+
+    pool: ModelPool
+    settings: ServerSettings
+    metrics: Metrics
+    http: httpx.AsyncClient = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.http = httpx.AsyncClient(
+            trust_env=False,
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.settings.api_keys:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        # Every key is compared, in constant time, so timing says nothing about them.
+        matched = False
+        for key in self.settings.api_keys:
+            matched |= hmac.compare_digest(token.encode(), key.encode())
+        return matched
+
+    def _unauthorized(self) -> JSONResponse:
+        return error_response(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "authentication_error",
+            code="invalid_api_key",
+            headers={"www-authenticate": "Bearer"},
+        )
+
+    async def _json_body(self, request: Request) -> tuple[bytes, dict[str, Any]]:
+        declared = request.headers.get("content-length")
+        limit = self.settings.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        return raw, body
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "instances": len(self.pool.instances)})
+
+    async def models(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "rocmux"}
+            for name in self.pool.names()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        loaded = 0
+        for instance in self.pool.instances.values():
+            name = instance.entry.name
+            self.metrics.in_flight.labels(name).set(instance.in_flight)
+            self.metrics.queue_depth.labels(name).set(max(0, instance.in_flight - instance.slots))
+            loaded += instance.state == "ready"
+        self.metrics.loaded.set(loaded)
+        return Response(
+            generate_latest(self.metrics.registry), media_type="text/plain; version=0.0.4"
+        )
+
+    async def admin_instances(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        return JSONResponse({"instances": [i.describe() for i in self.pool.instances.values()]})
+
+    async def admin_unload(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return self._unauthorized()
+        key = request.path_params["key"]
+        if not await self.pool.unload(key):
+            return error_response(404, f"no loaded instance {key!r}", code="instance_not_found")
+        return JSONResponse({"unloaded": key})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._completion(request, "/v1/chat/completions", "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._completion(request, "/v1/completions", "completion")
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._completion(request, "/v1/embeddings", "embedding")
+
+    async def _completion(self, request: Request, path: str, kind: str) -> Response:
+        arrived = time.perf_counter()
+        if not self._authorized(request):
+            return self._unauthorized()
+        model = "?"
+        try:
+            raw, body = await self._json_body(request)
+            model = _validate(body, kind)
+            stream = bool(body.get("stream", False))
+            context = self.pool.use(model)
+            instance = await context.__aenter__()
+        except BadRequest as exc:
+            return self._count(model, kind, error_response(exc.status, str(exc), param=exc.param))
+        except ModelUnknown as exc:
+            return self._count(
+                model, kind, error_response(404, str(exc), param="model", code="model_not_found")
+            )
+        except PoolBusy as exc:
+            return self._count(
+                model,
+                kind,
+                error_response(
+                    503,
+                    str(exc),
+                    "server_error",
+                    code="overloaded",
+                    headers={"retry-after": str(max(1, round(exc.retry_after)))},
+                ),
+            )
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except RocmuxError as exc:
+            return self._count(model, kind, error_response(502, str(exc), "server_error"))
+
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                await context.__aexit__(None, None, None)
+
+        try:
+            if hasattr(instance.model, "url") and hasattr(instance.model, "ensure_running"):
+                response = await self._proxy(instance, path, raw, stream, arrived, release)
+            elif kind == "embedding":
+                await release()
+                response = error_response(400, f"model {model!r} does not serve embeddings")
+            else:
+                response = await self._generate(instance, body, kind, stream, arrived, release)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await release()
+            raise
+        return self._count(instance.entry.name, kind, response)
+
+    def _count(self, model: str, kind: str, response: Response) -> Response:
+        self.metrics.requests.labels(model, kind, str(response.status_code)).inc()
+        return response
+
+    # -- proxy to an HTTP runtime ------------------------------------------------------------
+
+    async def _proxy(
+        self,
+        instance: Instance,
+        path: str,
+        raw: bytes,
+        stream: bool,
+        arrived: float,
+        release: Callable[[], Awaitable[None]],
+    ) -> Response:
+        model = instance.entry.name
+        try:
+            await instance.model.ensure_running()  # type: ignore[union-attr]
+            upstream_request = self.http.build_request(
+                "POST",
+                instance.model.url + path,
+                content=raw,  # type: ignore[union-attr]
+                headers={"content-type": "application/json"},
+            )
+            upstream = await self.http.send(upstream_request, stream=True)
+        except (httpx.TransportError, RocmuxError) as exc:
+            await release()
+            return error_response(502, await self._explain(instance, exc), "server_error")
+        if not stream or upstream.status_code != 200:
+            try:
+                content = await upstream.aread()
+            except httpx.TransportError as exc:
+                return error_response(502, await self._explain(instance, exc), "server_error")
+            finally:
+                await upstream.aclose()
+                await release()
+            if upstream.status_code == 200:
+                try:
+                    self.metrics.record_usage(model, json.loads(content).get("usage"))
+                except (ValueError, AttributeError):
+                    pass
+            return Response(
+                content,
+                status_code=upstream.status_code,
+                media_type=upstream.headers.get("content-type", "application/json"),
+            )
+
+        async def body() -> AsyncIterator[bytes]:
+            first = True
+            tail = b""
+            try:
+                async for chunk in upstream.aiter_raw():
+                    if first:
+                        first = False
+                        self.metrics.ttft.labels(model).observe(time.perf_counter() - arrived)
+                    tail = (tail + chunk)[-4096:]
+                    yield chunk
+            except httpx.TransportError as exc:
+                message = await self._explain(instance, exc)
+                yield _sse(
+                    {
+                        "error": {
+                            "message": message,
+                            "type": "server_error",
+                            "param": None,
+                            "code": "runtime_failed",
+                        }
+                    }
+                )
+                return
+            self.metrics.record_usage(model, _usage_from_tail(tail))
+
+        async def cleanup() -> None:
+            # Closing the upstream response drops the connection: the runtime stops
+            # generating for a client that went away.
+            await upstream.aclose()
+            await release()
+
+        return _Stream(body(), cleanup)
+
+    async def _explain(self, instance: Instance, exc: BaseException) -> str:
+        server = getattr(instance.model, "server", None)
+        if server is not None:
+            await server.wait_exit(0.5)
+            try:
+                await server.check_alive()
+            except ServerCrashed as crashed:
+                return str(crashed)
+        if isinstance(exc, RocmuxError):
+            return str(exc)
+        return f"lost the connection to the {instance.backend} runtime: {exc!r}"
+
+    # -- drive a TextModel ---------------------------------------------------------------------
+
+    async def _generate(
+        self,
+        instance: Instance,
+        body: dict[str, Any],
+        kind: str,
+        stream: bool,
+        arrived: float,
+        release: Callable[[], Awaitable[None]],
+    ) -> Response:
+        model = instance.model
+        assert model is not None
+        try:
+            config = _generate_config(body)
+        except BadRequest as exc:
+            await release()
+            return error_response(400, str(exc), param=exc.param)
+        if kind == "chat":
+            tokens = model.chat(
+                [Message(m["role"], m["content"]) for m in body["messages"]], config
+            )
+        else:
+            tokens = model.generate(body["prompt"], config)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        name = instance.entry.name
+
+        def chunk(text: str, finish: str | None, usage: object = None) -> dict[str, Any]:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            if kind == "chat":
+                choice["delta"] = {"content": text} if text else {}
+            else:
+                choice["text"] = text
+            data: dict[str, Any] = {
+                "id": rid,
+                "created": created,
+                "model": name,
+                "choices": [choice],
+                "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            }
+            if usage is not None:
+                data["usage"] = usage
+            return data
+
+        if not stream:
+            try:
+                text: list[str] = []
+                finish, usage = None, None
+                async for token in tokens:
+                    text.append(token.text)
+                    finish = token.finish_reason or finish
+                    if token.usage is not None:
+                        usage = {
+                            "prompt_tokens": token.usage.prompt_tokens,
+                            "completion_tokens": token.usage.completion_tokens,
+                            "total_tokens": token.usage.total_tokens,
+                        }
+            except RocmuxError as exc:
+                return error_response(502, str(exc), "server_error")
+            finally:
+                await release()
+            self.metrics.record_usage(name, usage)
+            joined = "".join(text)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": joined}
+            else:
+                choice["text"] = joined
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "created": created,
+                    "model": name,
+                    "choices": [choice],
+                    "object": "chat.completion" if kind == "chat" else "text_completion",
+                    "usage": usage,
+                }
+            )
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            first = True
+            try:
+                async for token in tokens:
+                    if first:
+                        first = False
+                        self.metrics.ttft.labels(name).observe(time.perf_counter() - arrived)
+                    usage = None
+                    if token.usage is not None:
+                        usage = {
+                            "prompt_tokens": token.usage.prompt_tokens,
+                            "completion_tokens": token.usage.completion_tokens,
+                            "total_tokens": token.usage.total_tokens,
+                        }
+                        self.metrics.record_usage(name, usage)
+                    if token.text or token.finish_reason or usage:
+                        yield _sse(chunk(token.text, token.finish_reason, usage))
+            except RocmuxError as exc:
+                yield _sse(
+                    {
+                        "error": {
+                            "message": str(exc),
+                            "type": "server_error",
+                            "param": None,
+                            "code": "runtime_failed",
+                        }
+                    }
+                )
+                return
+            yield b"data: [DONE]\n\n"
+
+        async def cleanup() -> None:
+            aclose = getattr(tokens, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await release()
+
+        return _Stream(body_iter(), cleanup)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def _validate(body: dict[str, Any], kind: str) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a string", "model")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty array", "messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise BadRequest(f"messages[{i}] must be an object with a 'role'", "messages")
+    elif kind == "completion":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str | list):
+            raise BadRequest("'prompt' must be a string or an array", "prompt")
+    elif "input" not in body:
+        raise BadRequest("'input' is required", "input")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise BadRequest("'max_tokens' must be a positive integer", "max_tokens")
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+        ):
+            raise BadRequest(f"'{name}' must be a non-negative number", name)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise BadRequest("'stream' must be true or false", "stream")
+    return model
+
+
+def _generate_config(body: dict[str, Any]) -> GenerateConfig:
+    fields = {
+        "max_tokens": body.get("max_tokens", body.get("max_completion_tokens", 256)),
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "top_k": body.get("top_k"),
+        "min_p": body.get("min_p"),
+        "seed": body.get("seed"),
+        "stop": body.get("stop") or (),
+        "repeat_penalty": body.get("repeat_penalty"),
+    }
+    try:
+        return GenerateConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"bad sampling settings: {exc}") from None
+
+
+def create_app(
+    pool: ModelPool,
+    settings: ServerSettings,
+    metrics: Metrics | None = None,
+    lifespan: Callable[[Starlette], Any] | None = None,
+) -> tuple[Starlette, Api]:
+    """The starlette app and its handler object."""
+    api = Api(pool, settings, metrics or Metrics())
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/metrics", api.metrics_endpoint, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+        Route("/admin/instances", api.admin_instances, methods=["GET"]),
+        Route("/admin/instances/{key}/unload", api.admin_unload, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan), api

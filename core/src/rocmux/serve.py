@@ -1,0 +1,139 @@
+"""``rocmux serve``: the model pool behind one OpenAI-compatible endpoint, on uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+
+from rocmux.config import Config, ModelEntry, ServerSettings
+from rocmux.manager import PluginManager, get_plugin_manager
+from rocmux.types import LoadConfig
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from rocmux.http_api import Api
+    from rocmux.pool import ModelPool
+
+
+def model_entries(config: Config, paths: Sequence[Path] = ()) -> tuple[ModelEntry, ...]:
+    """Models to offer: ``--model`` paths, else ``[[models]]``, else the default model."""
+    if paths:
+        entries = []
+        for i, path in enumerate(paths):
+            aliases = ("default",) if i == 0 else ()
+            entries.append(ModelEntry(name=path.stem, path=path, aliases=aliases, load=config.load))
+        return tuple(entries)
+    if config.models:
+        return config.models
+    from rocmux.default_model import default_model_path
+
+    path = config.model or default_model_path()
+    return (ModelEntry(name=path.stem, path=path, aliases=("default",), load=config.load),)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def settings_with_env(settings: ServerSettings) -> ServerSettings:
+    """``$ROCMUX_API_KEYS`` (comma-separated) adds to the configured keys."""
+    extra = tuple(k.strip() for k in os.environ.get("ROCMUX_API_KEYS", "").split(",") if k.strip())
+    return attrs.evolve(settings, api_keys=settings.api_keys + extra) if extra else settings
+
+
+@attrs.define(eq=False)
+class Service:
+    """Everything ``rocmux serve`` runs: pool, API, background tasks."""
+
+    entries: Sequence[ModelEntry]
+    config: Config
+    settings: ServerSettings
+    plugins: PluginManager = attrs.field(factory=get_plugin_manager)
+
+    def build(self) -> tuple[Starlette, Api, ModelPool]:
+        from rocmux.http_api import Metrics, create_app
+        from rocmux.pool import ModelPool, PoolObserver
+
+        metrics = Metrics()
+        observer = PoolObserver(
+            on_load=metrics.on_load, on_evict=metrics.on_evict, on_crash=metrics.on_crash
+        )
+        pool = ModelPool(self.entries, self.config.limits, self.plugins, observer)
+
+        @asynccontextmanager
+        async def lifespan(app: object) -> AsyncIterator[None]:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.reap_idle_forever)
+                tg.start_soon(pool.monitor_health_forever)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await api.aclose()
+                        await pool.aclose()
+
+        app, api = create_app(pool, self.settings, metrics, lifespan=lifespan)
+        return app, api, pool
+
+
+async def serve(
+    config: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    models: Sequence[Path] = (),
+    load: LoadConfig | None = None,
+    max_loaded: int | None = None,
+) -> None:
+    """Run the server until SIGINT/SIGTERM; every runtime is stopped on the way out."""
+    import uvicorn
+
+    settings = settings_with_env(config.server)
+    settings = attrs.evolve(
+        settings, host=host or settings.host, port=settings.port if port is None else port
+    )
+    if max_loaded is not None:
+        config = attrs.evolve(config, limits=attrs.evolve(config.limits, max_loaded=max_loaded))
+    if load is not None:
+        config = attrs.evolve(config, load=load)
+    entries = model_entries(config, models)
+    app, _api, _pool = Service(entries, config, settings).build()
+    if not is_loopback(settings.host) and not settings.api_keys:
+        print(
+            f"rocmux serve: WARNING: listening on {settings.host} with no API key: anyone "
+            "who can reach this address can use the models. Set [server] api_keys or "
+            "ROCMUX_API_KEYS.",
+            file=sys.stderr,
+        )
+    names = ", ".join(e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "") for e in entries)
+    print(
+        f"rocmux serve: http://{settings.host}:{settings.port}/v1  models: {names}",
+        file=sys.stderr,
+        flush=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=30,
+        )
+    )
+    await server.serve()
