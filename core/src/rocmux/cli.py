@@ -33,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins, their hooks and load errors")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("models", help="list GGUF models: size, quantization, shape, context")
+    p.add_argument(
+        "dirs",
+        nargs="*",
+        type=Path,
+        metavar="DIR",
+        help="folders or files (default: $ROCMUX_MODEL_DIR, rocmux.toml, the default model)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("devices", help="list GPUs (ROCm, NVIDIA) and the CPU, with live memory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("run", help="load a model and stream its answer to PROMPT")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("-m", "--model", help="GGUF file (default: rocmux.toml's or SmolLM2-135M)")
@@ -175,6 +188,94 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_dirs(args: argparse.Namespace) -> list[Path]:
+    if args.dirs:
+        return list(args.dirs)
+    import os
+
+    from rocmux.config import load_config
+
+    config = load_config()
+    places = [
+        Path(p).expanduser() for p in os.environ.get("ROCMUX_MODEL_DIR", "").split(os.pathsep) if p
+    ]
+    places += list(config.model_dirs)
+    if config.model is not None:
+        places.append(config.model)
+    if not places:
+        from rocmux.default_model import default_model_path
+
+        places.append(default_model_path())
+    return places
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    return str(size)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from rocmux.inventory import scan
+
+    entries = scan(_model_dirs(args))
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="GGUF models")
+    for column in (
+        "model",
+        "arch",
+        "params",
+        "quant",
+        "size",
+        "ctx",
+        "layers",
+        "heads/kv",
+        "embd",
+        "chat",
+    ):
+        table.add_column(column, overflow="fold")
+    console = Console()
+    errors = []
+    for entry in entries:
+        info = entry.info
+        if info is None:
+            errors.append(entry)
+            continue
+        mix = " ".join(
+            f"{t}:{n}" for t, n in sorted(info.tensor_types.items(), key=lambda kv: -kv[1])[:3]
+        )
+        params = info.n_params
+        table.add_row(
+            entry.path.name + (f" (+{info.split_count - 1} parts)" if info.split_count > 1 else ""),
+            info.architecture or "?",
+            f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M",
+            f"{info.file_type or '?'} [dim]{mix}[/dim]",
+            _human(info.size),
+            str(info.context_length or "?"),
+            str(info.block_count or "?"),
+            f"{info.head_count or '?'}/{info.head_count_kv or '?'}",
+            str(info.embedding_length or "?"),
+            "yes" if info.has_chat_template else "no",
+        )
+    console.print(table)
+    for entry in errors:
+        console.print(f"[red]error[/red] {entry.path}: {entry.error}", highlight=False)
+    return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from rocmux.devices import run_devices_command
+
+    return run_devices_command(args.json)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -295,6 +396,8 @@ _COMMANDS = {
     "plugins": _cmd_plugins,
     "run": _cmd_run,
     "serve": _cmd_serve,
+    "models": _cmd_models,
+    "devices": _cmd_devices,
     "setup": _cmd_setup,
 }
 
