@@ -78,7 +78,7 @@ async def _once(server_path: Path, model: Path, use_log: bool) -> dict[str, floa
         noticed = time.perf_counter()
         noticed_ms = (noticed - started) * 1000
         with anyio.move_on_after(1.0):
-            while not line_seen:  # noqa: ASYNC110
+            while not line_seen:
                 await anyio.sleep(0.001)
         tg.cancel_scope.cancel()
     try:

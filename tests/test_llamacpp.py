@@ -138,7 +138,8 @@ async def test_leaving_the_loop_cancels_the_request_and_keeps_the_model(
 async def test_sigkill_mid_stream_is_a_clear_error_then_the_model_restarts(
     tiny_model, plugins, recorder, llama_server
 ):
-    async with await _load(tiny_model, plugins, llama_server, context_len=512) as model:
+    # A long context, so generation cannot end on its own before the kill lands.
+    async with await _load(tiny_model, plugins, llama_server, context_len=16384) as model:
         model.request_defaults["ignore_eos"] = True
         first_pid = model.server.pid
         with pytest.raises(ServerCrashed) as info:
@@ -206,13 +207,23 @@ async def test_file_that_is_not_gguf(plugins, tmp_path):
         await open_model(bogus, backend="llamacpp_hip", plugins=plugins)
 
 
-async def test_truncated_gguf_fails_at_start_with_the_servers_words(tiny_model, plugins, tmp_path):
+async def test_truncated_gguf_is_named_before_spawning(tiny_model, plugins, recorder, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 3])
+    with pytest.raises(InvalidModel, match="truncated"):
+        await LlamaCppBackend(plugins=plugins).load(cut, LoadConfig())
+    assert "spawned" not in recorder.kinds()
+
+
+async def test_truncated_gguf_with_settings_given_fails_at_start_with_the_servers_words(
+    tiny_model, plugins, tmp_path
+):
     from rocmux.errors import StartupFailed
 
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_model.read_bytes()[: tiny_model.stat().st_size // 3])
     with pytest.raises(StartupFailed, match="exited with code") as info:
-        await LlamaCppBackend(plugins=plugins).load(cut, LoadConfig())
+        await LlamaCppBackend(plugins=plugins).load(cut, LoadConfig(context_len=256))
     assert "Last output" in str(info.value)
 
 
@@ -288,3 +299,12 @@ def test_cli_reports_bad_model_path_cleanly(tmp_path):
     assert done.returncode == 1
     assert "does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_context_is_chosen_by_the_memory_fit_when_not_given(default_model, plugins):
+    async with await LlamaCppBackend(plugins=plugins).load(default_model, LoadConfig()) as model:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            props = (await client.get(f"{model.url}/props")).json()
+    # SmolLM2 is trained for 8192 tokens and fits in host memory many times over.
+    assert props["default_generation_settings"]["n_ctx"] == 8192
+    assert any("memory fit on host memory" in note for note in model.notes)

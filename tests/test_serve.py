@@ -14,7 +14,6 @@ from pathlib import Path
 
 import anyio
 import httpx
-import openai
 import pytest
 import uvicorn
 from rocmux.config import Config, Limits, ModelEntry, ServerSettings
@@ -78,6 +77,8 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 async def test_openai_client_streaming_and_not(default_model):
+    import openai
+
     async with running([smol(default_model)]) as (url, _pool):
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
         reply = await client.chat.completions.create(
@@ -136,7 +137,9 @@ async def test_two_models_alternating_under_a_limit_of_one(default_model, tiny_m
 
 
 async def test_instance_killed_mid_stream_then_next_request_succeeds(tiny_model):
-    async with running([tiny(tiny_model)]) as (url, pool):
+    # A long context, so generation cannot end on its own before the kill lands.
+    entry = ModelEntry(name="tiny", path=tiny_model, load=LoadConfig(context_len=16384))
+    async with running([entry]) as (url, pool):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             body = {
                 "model": "tiny",
@@ -152,7 +155,7 @@ async def test_instance_killed_mid_stream_then_next_request_succeeds(tiny_model)
                     if not line.startswith("data: "):
                         continue
                     events.append(line[6:])
-                    if len(events) == 3:
+                    if len(events) == 1:
                         (instance,) = pool.instances.values()
                         os.kill(instance.model.server.pid, signal.SIGKILL)
             error = json.loads(events[-1])["error"]

@@ -113,6 +113,7 @@ class ModelPool:
     _closed: bool = attrs.field(default=False, init=False)
     _resolved: dict[str, tuple[Path, RegisteredBackend]] = attrs.field(factory=dict, init=False)
     _watcher_name: str = attrs.field(default="", init=False)
+    _resolve_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
 
     def __attrs_post_init__(self) -> None:
         for entry in self.entries:
@@ -210,14 +211,18 @@ class ModelPool:
     async def _resolve(self, entry: ModelEntry) -> tuple[Path, RegisteredBackend]:
         # Detection runs binaries; do it once per model, not once per request.
         resolved = self._resolved.get(entry.name)
-        if resolved is None:
-            from rocmux.models import resolve_model
-            from rocmux.selection import choose_backend
+        if resolved is not None:
+            return resolved
+        async with self._resolve_lock:
+            resolved = self._resolved.get(entry.name)
+            if resolved is None:
+                from rocmux.models import resolve_model
+                from rocmux.selection import choose_backend
 
-            path = resolve_model(entry.path)
-            detected = await choose_backend(entry.backend, self.plugins)
-            resolved = self._resolved[entry.name] = (path, detected.entry)
-        return resolved
+                path = resolve_model(entry.path)
+                detected = await choose_backend(entry.backend, self.plugins)
+                resolved = self._resolved[entry.name] = (path, detected.entry)
+            return resolved
 
     def _loaded(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state in ("loading", "ready")]

@@ -41,6 +41,8 @@ class ServedModel(TextModel):
     max_restarts: int = 3
     restart_window: float = 60.0
     request_defaults: dict[str, Any] = attrs.field(factory=dict)
+    notes: list[str] = attrs.field(factory=list)
+    """What the backend decided while loading (for example the memory fit), for users."""
 
     server: ServerProcess | None = attrs.field(default=None, init=False)
     _client: OpenAIClient | None = attrs.field(default=None, init=False)

@@ -60,6 +60,29 @@ def device_env(kind: str, devices: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def choose_settings(model: Path, config: LoadConfig, info: BuildInfo) -> tuple[LoadConfig, str]:
+    """Fill the context length and GPU layers the user left open, from the memory fit.
+
+    The free memory is the build's first device's (as llama-server reports it), or the
+    host's available memory for a CPU build.
+    """
+    from rocmux.devices import cpu_info
+    from rocmux.inventory import ModelInfo
+    from rocmux.memory import fit
+
+    if config.context_len is not None and (config.gpu_layers is not None or info.kind == "cpu"):
+        return config, "settings given by the user"
+    model_info = ModelInfo.from_gguf(model)
+    gpu = next((d for d in info.devices if d.memory_free is not None), None)
+    if info.kind != "cpu" and gpu is not None:
+        result = fit(model_info, int(gpu.memory_free or 0), requested=config)
+        where = f"{gpu.id} ({gpu.memory_free / 2**30:.1f} GiB free)"
+    else:
+        result = fit(model_info, cpu_info(), requested=config)
+        where = "host memory"
+    return result.config, f"memory fit on {where}: {result.reason}"
+
+
 @attrs.define(eq=False)
 class LlamaCppBackend(Backend):
     """llama.cpp's llama-server: HIP builds first, CUDA, Vulkan and CPU builds too."""
@@ -89,12 +112,17 @@ class LlamaCppBackend(Backend):
         model = check_gguf(model)
         located = await anyio.to_thread.run_sync(locate, self._configured_path())
         known = await anyio.to_thread.run_sync(flags_of, located.path)
+        # Validate the user's flags before spending time on the memory fit.
+        merge_extra(base_flags(model, config), config.extra_flags, known)
+        if self._info is None:
+            self._info = await anyio.to_thread.run_sync(probe, located.path)
+        config, fit_reason = await anyio.to_thread.run_sync(
+            choose_settings, model, config, self._info
+        )
         argv = [
             str(located.path),
             *merge_extra(base_flags(model, config), config.extra_flags, known),
         ]
-        if self._info is None:
-            self._info = await anyio.to_thread.run_sync(probe, located.path)
         env = device_env(self._info.kind, config.devices)
         plugins = self.plugins or get_plugin_manager()
 
@@ -111,5 +139,6 @@ class LlamaCppBackend(Backend):
             startup_timeout=self.startup_timeout,
             request_defaults={"stream_options": {"include_usage": True}},
         )
+        served.notes.append(fit_reason)
         await served.start()
         return served

@@ -1,1 +1,1 @@
-"""rocmux backend for vLLM (``vllm serve``)."""
+"""rocmux backend for vLLM (``vllm serve``) on ROCm; see ``backend.VllmBackend``."""
