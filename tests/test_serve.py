@@ -71,7 +71,9 @@ def tiny(tiny_model: Path, **load: object) -> ModelEntry:
 def metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -414,3 +416,46 @@ def test_stopping_serve_leaves_no_runtime_behind(tmp_path, tiny_model, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_memory_budget_holding_one_of_two_models_evicts_by_memory(default_model):
+    # SmolLM2 at 2048 and 4096 tokens: about 155 and 202 MiB estimated; 300 MiB holds one.
+    entries = [
+        ModelEntry(name="smol2k", path=default_model, load=LoadConfig(context_len=2048)),
+        ModelEntry(name="smol4k", path=default_model, load=LoadConfig(context_len=4096)),
+    ]
+    limits = Limits(max_loaded=4, memory_budget="300MiB")
+    async with running(entries, limits) as (url, pool):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            for _ in range(2):
+                for name in ("smol2k", "smol4k"):
+                    r = await client.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": name,
+                            "messages": [{"role": "user", "content": QUESTION}],
+                            "temperature": 0,
+                            "max_tokens": 16,
+                        },
+                    )
+                    assert r.status_code == 200, r.text
+                    assert "Paris" in r.json()["choices"][0]["message"]["content"]
+                    assert sum(i.need for i in pool.instances.values()) <= 300 * 2**20
+                    assert len(pool.instances) == 1
+            metrics = (await client.get("/metrics")).text
+    assert metric(metrics, "rocmux_model_evictions_total", reason="memory") == 3
+    assert 0 < metric(metrics, "rocmux_memory_reserved_bytes") <= 300 * 2**20
+
+
+async def test_model_that_cannot_fit_the_budget_alone_is_refused_at_once(default_model):
+    entry = ModelEntry(name="smol", path=default_model, load=LoadConfig(context_len=2048))
+    async with running([entry], Limits(memory_budget="100MiB")) as (url, pool):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            r = await client.post("/v1/completions", json={"model": "smol", "prompt": "x"})
+            metrics = (await client.get("/metrics")).text
+    assert r.status_code == 507
+    error = r.json()["error"]
+    assert error["code"] == "model_too_large"
+    assert "memory budget" in error["message"]
+    assert not pool.instances
+    assert metric(metrics, "rocmux_model_loads_total") == 0

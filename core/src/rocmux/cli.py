@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080)")
     p.add_argument("--max-loaded", type=int, help="models loaded at once")
+    p.add_argument("--memory-budget", help="estimated memory all loaded models may use, e.g. 6GiB")
     p.add_argument("--ctx-size", type=int, dest="context_len", help="context length")
     p.add_argument("--parallel", type=int, help="parallel slots per model")
 
@@ -350,6 +351,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import os
 
         os.environ["ROCMUX_BACKEND"] = args.backend
+    if args.memory_budget:
+        from rocmux.config import parse_size
+        from rocmux.errors import ConfigError
+
+        try:
+            budget = parse_size(args.memory_budget)
+        except ValueError as exc:
+            raise ConfigError(f"--memory-budget: {exc}") from None
+        config = attrs.evolve(config, limits=attrs.evolve(config.limits, memory_budget=budget))
     anyio.run(
         lambda: serve(
             config,

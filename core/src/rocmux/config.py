@@ -32,6 +32,7 @@ Recognised keys (every one optional)::
     queue_timeout = 60             # seconds a request waits for room before 503
     max_restarts = 3               # crash restarts per model within restart_window
     restart_window = 300
+    memory_budget = "6GiB"         # estimated memory all loaded models may use; default none
 
     [[models]]                     # what `rocmux serve` offers; default: the default model
     name = "smollm2"
@@ -95,6 +96,45 @@ def _build(cls: type[Any], table: object, where: str) -> Any:
         raise ConfigError(f"bad value in {where}: {exc}") from None
 
 
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: object) -> int | None:
+    """``"6GiB"``, ``"512 MB"``, ``4096`` → bytes; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"a size must be positive, got {value}")
+        return value
+    if isinstance(value, str):
+        import re
+
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        if match and match[2].lower() in _UNITS:
+            size = int(float(match[1]) * _UNITS[match[2].lower()])
+            if size > 0:
+                return size
+    raise ValueError(f"not a size: {value!r} (use bytes or a string like '6GiB' or '512MB')")
+
+
 @attrs.frozen(kw_only=True)
 class ServerSettings:
     """``[server]``: where ``rocmux serve`` listens and who may use it."""
@@ -127,6 +167,8 @@ class Limits:
     queue_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
     max_restarts: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     restart_window: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    memory_budget: int | None = attrs.field(default=None, converter=lambda v: parse_size(v))
+    """Bytes all loaded instances may use together (estimated), e.g. "6GiB"; None: no limit."""
 
 
 @attrs.frozen(kw_only=True)

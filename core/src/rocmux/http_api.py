@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from rocmux.config import ServerSettings
 from rocmux.errors import RocmuxError, ServerCrashed
-from rocmux.pool import Instance, ModelPool, ModelUnknown, PoolBusy
+from rocmux.pool import Instance, ModelPool, ModelTooLarge, ModelUnknown, PoolBusy
 from rocmux.types import GenerateConfig, Message
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -89,6 +89,9 @@ class Metrics:
             "rocmux_requests_in_flight", "Requests being served", ["model"], registry=r
         )
         self.loaded = Gauge("rocmux_models_loaded", "Instances loaded", registry=r)
+        self.reserved = Gauge(
+            "rocmux_memory_reserved_bytes", "Estimated memory of the loaded instances", registry=r
+        )
 
     def on_load(self, instance: Instance) -> None:
         self.loads.labels(instance.entry.name).inc()
@@ -223,6 +226,7 @@ class Api:
             self.metrics.queue_depth.labels(name).set(max(0, instance.in_flight - instance.slots))
             loaded += instance.state == "ready"
         self.metrics.loaded.set(loaded)
+        self.metrics.reserved.set(sum(i.need for i in self.pool.instances.values()))
         return Response(
             generate_latest(self.metrics.registry), media_type="text/plain; version=0.0.4"
         )
@@ -276,6 +280,14 @@ class Api:
                     "server_error",
                     code="overloaded",
                     headers={"retry-after": str(max(1, round(exc.retry_after)))},
+                ),
+            )
+        except ModelTooLarge as exc:
+            return self._count(
+                model,
+                kind,
+                error_response(
+                    507, str(exc), "server_error", param="model", code="model_too_large"
                 ),
             )
         except ClientDisconnect:

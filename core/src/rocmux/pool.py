@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import attrs
@@ -25,11 +25,18 @@ from rocmux.manager import PluginManager
 from rocmux.registry import RegisteredBackend
 from rocmux.types import LoadConfig
 
+if TYPE_CHECKING:
+    from rocmux.devices import GpuInfo
+
 State = Literal["loading", "ready", "unloading", "failed"]
 
 
 class ModelUnknown(ModelError):
     """The requested model name is neither configured nor discovered."""
+
+
+class ModelTooLarge(RocmuxError):
+    """The model cannot fit the memory budget even alone: no load is attempted."""
 
 
 class PoolBusy(RocmuxError):
@@ -64,6 +71,9 @@ class Instance:
     error: str | None = None
     crashes: int = 0
     requests: int = 0
+    need: int = 0
+    """Estimated bytes this instance uses (0 when no memory budget is set)."""
+    load: LoadConfig | None = None
 
     @property
     def slots(self) -> int:
@@ -85,6 +95,8 @@ class Instance:
             "pid": getattr(server, "pid", None),
             "url": url,
             "crashes": self.crashes,
+            "memory_estimate": self.need or None,
+            "context_len": self.load.context_len if self.load else None,
             "last_error": self.error,
         }
 
@@ -114,6 +126,7 @@ class ModelPool:
     _resolved: dict[str, tuple[Path, RegisteredBackend]] = attrs.field(factory=dict, init=False)
     _watcher_name: str = attrs.field(default="", init=False)
     _resolve_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
+    _on_gpu: dict[str, bool] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         for entry in self.entries:
@@ -185,13 +198,16 @@ class ModelPool:
             existing = self.instances.get(key)
             if existing is not None and existing.state in ("loading", "ready"):
                 return existing
-            await self._make_room(deadline, entry.name)
-            instance = Instance(key=key, entry=entry, path=path, backend=backend)
+            load, need = await self._plan(entry, path)
+            await self._make_room(deadline, entry.name, need)
+            instance = Instance(
+                key=key, entry=entry, path=path, backend=backend, need=need, load=load
+            )
             self.instances[key] = instance
         # Loading happens outside the lock: other models stay reachable meanwhile.
         started = time.monotonic()
         try:
-            instance.model = await registered.backend.load(path, entry.load)
+            instance.model = await registered.backend.load(path, instance.load or entry.load)
         except Exception as exc:
             instance.state = "failed"
             instance.error = str(exc)
@@ -222,18 +238,56 @@ class ModelPool:
                 path = resolve_model(entry.path)
                 detected = await choose_backend(entry.backend, self.plugins)
                 resolved = self._resolved[entry.name] = (path, detected.entry)
+                self._on_gpu[entry.name] = bool(detected.availability.devices)
             return resolved
 
     def _loaded(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state in ("loading", "ready")]
 
-    async def _make_room(self, deadline: float, wanted: str) -> None:
-        """Unload least recently used idle instances until one more fits."""
-        while len(self._loaded()) >= self.limits.max_loaded:
+    async def _plan(self, entry: ModelEntry, path: Path) -> tuple[LoadConfig, int]:
+        """Settings and estimated bytes for a load under the memory budget.
+
+        With a budget, the context the user left open is chosen to fit it, and a model
+        that cannot fit even alone is refused here, before any process starts.
+        """
+        budget = self.limits.memory_budget
+        if budget is None:
+            return entry.load, 0
+        from rocmux.inventory import ModelInfo
+        from rocmux.memory import fit
+
+        info = await anyio.to_thread.run_sync(ModelInfo.from_gguf, path)
+        room: int | GpuInfo = budget
+        if not self._on_gpu.get(entry.name, False):
+            # A CPU runtime keeps everything in host memory: fit the whole estimate.
+            from rocmux.devices import GpuInfo
+
+            room = GpuInfo(index=None, vendor="cpu", name="budget", memory_free=budget)
+        result = fit(info, room, margin=0, requested=entry.load)
+        if not result.fits:
+            raise ModelTooLarge(
+                f"model {entry.name!r} needs about {result.estimate.total / 2**30:.2f} GiB "
+                f"({result.estimate.describe()}), more than the whole memory budget of "
+                f"{budget / 2**30:.2f} GiB; raise limits.memory_budget or lower its context_len"
+            )
+        need = result.estimate.total if isinstance(room, int) else result.estimate.host_total
+        return result.config, max(need, result.estimate.total)
+
+    def _fits(self, need: int) -> bool:
+        budget = self.limits.memory_budget
+        if budget is None:
+            return True
+        reserved = sum(i.need for i in self._loaded())
+        return reserved + need <= budget
+
+    async def _make_room(self, deadline: float, wanted: str, need: int = 0) -> None:
+        """Unload least recently used idle instances until one more fits, by count and
+        by estimated memory; wait (up to ``deadline``) while the rest are busy."""
+        while len(self._loaded()) >= self.limits.max_loaded or not self._fits(need):
             idle = [i for i in self._loaded() if i.state == "ready" and i.in_flight == 0]
             if idle:
                 victim = min(idle, key=lambda i: i.last_used)
-                await self._unload(victim, "lru")
+                await self._unload(victim, "lru" if self._fits(need) else "memory")
                 continue
             self._idle = anyio.Event()
             with anyio.move_on_at(deadline) as scope:
