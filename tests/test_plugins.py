@@ -262,7 +262,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_work(tmp_path, m
 
 
 def test_rocmux_disable_plugins_blocks_by_name(monkeypatch):
-    monkeypatch.setenv("ROCMUX_DISABLE_PLUGINS", "vllm_rocm, hip_direct")
+    monkeypatch.setenv("ROCMUX_DISABLE_PLUGINS", "vllm_rocm, hip_direct, remote")
     manager = PluginManager.discover()
     assert manager.backends().names() == ["llamacpp_hip"]
     assert manager.infos["vllm_rocm"].disabled

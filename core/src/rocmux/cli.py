@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,12 +99,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rocmux.errors import RocmuxError
 
     try:
-        return int(_COMMANDS[args.command](args) or 0)
+        code = int(_COMMANDS[args.command](args) or 0)
     except RocmuxError as exc:
         print(f"rocmux: error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    selection = sys.modules.get("rocmux.selection")
+    if selection is not None and selection.abandoned_detections:
+        # A plugin's detection is still blocked in a thread that the interpreter would
+        # wait for at exit; the answer is printed, so leave without waiting.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:

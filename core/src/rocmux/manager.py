@@ -125,16 +125,29 @@ class PluginManager:
                 if ep.name in disabled:
                     self.pm.set_blocked(ep.name)
                 continue
+            # A broken plugin must not take the others down: an import that raises (even
+            # SystemExit) or hooks pluggy rejects are recorded against its name.
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken plugin must not take the others down
-                message = f"plugin {ep.name!r} ({dist}) failed to import: {exc!r}"
-                self.errors.append(PluginError(message))
-                self.infos[ep.name] = PluginInfo(
-                    name=ep.name, distribution=dist, version=version, hooks=(), error=message
-                )
+            except (Exception, SystemExit) as exc:
+                self._record_broken(ep.name, dist, version, f"failed to import: {exc!r}")
                 continue
-            self.register(plugin, name=ep.name, distribution=dist, version=version)
+            try:
+                self.register(plugin, name=ep.name, distribution=dist, version=version)
+            except Exception as exc:
+                if self.pm.is_registered(plugin):
+                    self.pm.unregister(plugin)
+                self.pm.set_blocked(ep.name)
+                self._record_broken(ep.name, dist, version, f"was rejected: {exc}")
+
+    def _record_broken(
+        self, name: str, dist: str | None, version: str | None, problem: str
+    ) -> None:
+        message = f"plugin {name!r} ({dist}) {problem}"
+        self.errors.append(PluginError(message))
+        self.infos[name] = PluginInfo(
+            name=name, distribution=dist, version=version, hooks=(), error=message
+        )
 
     def _record_error(self, plugin: str, message: str) -> PluginError:
         error = PluginError(message)

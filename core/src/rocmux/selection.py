@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anyio
 import attrs
 
-from rocmux.backend import TextModel
+from rocmux.backend import Backend, TextModel
 from rocmux.config import chosen_backend, load_config
 from rocmux.errors import BackendUnavailable
 from rocmux.manager import PluginManager, get_plugin_manager
 from rocmux.registry import RegisteredBackend
 from rocmux.types import Availability, LoadConfig
 
-DETECT_TIMEOUT = 10.0
+
+def _detect_timeout() -> float:
+    """Seconds one backend's detection may take: 10, or ``$ROCMUX_DETECT_TIMEOUT``
+    (tests of a hanging plugin set a short one; a bad value keeps the default)."""
+    try:
+        value = float(os.environ.get("ROCMUX_DETECT_TIMEOUT", ""))
+    except ValueError:
+        return 10.0
+    return value if value > 0 else 10.0
+
+
+DETECT_TIMEOUT = _detect_timeout()
 
 
 @attrs.frozen
@@ -25,12 +37,25 @@ class Detected:
     availability: Availability
 
 
+abandoned_detections: list[str] = []
+"""Backends whose detection was cut off; its thread may still be blocked (see cli.main)."""
+
+
+def _detect_blocking(backend: Backend) -> Availability:
+    return anyio.run(backend.detect)
+
+
 async def detect_one(entry: RegisteredBackend, limit: float = DETECT_TIMEOUT) -> Detected:
     """Detect one backend; a hang or an exception becomes an unavailable reason."""
     try:
         with anyio.fail_after(limit):
-            availability = await entry.backend.detect()
+            # On its own event loop in a worker thread, abandoned at the deadline: a
+            # detection that blocks without awaiting must not hang `rocmux backends`.
+            availability = await anyio.to_thread.run_sync(
+                _detect_blocking, entry.backend, abandon_on_cancel=True
+            )
     except TimeoutError:
+        abandoned_detections.append(entry.name)
         availability = Availability.unavailable(f"detection did not finish within {limit:g} s")
     except Exception as exc:  # detection must never take the others down
         availability = Availability.unavailable(f"detection raised {exc!r}")

@@ -1,0 +1,1 @@
+"""rocmux backend ``remote``: an OpenAI-compatible server on another host as a runtime."""
