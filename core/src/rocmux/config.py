@@ -24,6 +24,8 @@ Recognised keys (every one optional)::
     port = 8080
     api_keys = ["sk-local-1"]      # Bearer keys; also $ROCMUX_API_KEYS (comma-separated)
     max_body_bytes = 1048576       # larger requests get 413
+    max_tokens_limit = 4096        # larger max_tokens get 400; the default when none is asked
+    shutdown_timeout = 30          # seconds SIGTERM lets streams finish before cutting them
 
     [limits]
     max_loaded = 2                 # models loaded at once
@@ -32,6 +34,8 @@ Recognised keys (every one optional)::
     queue_timeout = 60             # seconds a request waits for room before 503
     max_restarts = 3               # crash restarts per model within restart_window
     restart_window = 300
+    stall_timeout = 300            # seconds of runtime silence before a request fails (504)
+    health_timeout = 5             # an idle runtime silent this long, twice, is killed
     memory_budget = "6GiB"         # estimated memory all loaded models may use; default none
 
     [[models]]                     # what `rocmux serve` offers; default: the default model
@@ -150,6 +154,16 @@ class ServerSettings:
     )
     api_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     max_body_bytes: int = attrs.field(default=1 << 20, validator=attrs.validators.gt(0))
+    max_tokens_limit: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(
+            [attrs.validators.instance_of(int), attrs.validators.gt(0)]
+        ),
+    )
+    """Largest ``max_tokens`` a request may ask for (400 above it; the default when it
+    asks for none); None: no limit."""
+    shutdown_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    """Seconds SIGTERM lets in-flight requests finish before their streams are cut."""
 
     @api_keys.validator
     def _check_keys(self, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
@@ -167,6 +181,11 @@ class Limits:
     queue_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
     max_restarts: int = attrs.field(default=3, validator=attrs.validators.ge(0))
     restart_window: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    stall_timeout: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    """Seconds a request may wait for the runtime's next byte (its first, or the next
+    chunk of a stream) before it fails with 504 or an error event."""
+    health_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    """Seconds an idle runtime has to answer its health check; two misses: hung, killed."""
     memory_budget: int | None = attrs.field(default=None, converter=lambda v: parse_size(v))
     """Bytes all loaded instances may use together (estimated), e.g. "6GiB"; None: no limit."""
 

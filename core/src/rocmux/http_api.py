@@ -19,6 +19,7 @@ import attrs
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -143,6 +144,40 @@ def _sse(data: object) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _upstream_error(status: int, content: bytes) -> JSONResponse:
+    """A runtime's error answer in OpenAI's shape (llama-server's lacks ``param`` and has
+    a numeric ``code``). 501, a feature the runtime was not started with (embeddings),
+    is the client's to fix: 400."""
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        data = None
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        error = {"message": error} if isinstance(error, str) else {}
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        message = content.decode("utf-8", "replace")[:1000] or f"the runtime answered {status}"
+    kind = error.get("type")
+    if not isinstance(kind, str):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+    code, param = error.get("code"), error.get("param")
+    if status == 501:
+        status, code = 400, "unsupported"
+    return error_response(
+        status,
+        message,
+        kind,
+        code=None if code is None else str(code),
+        param=param if isinstance(param, str) else None,
+    )
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    error = {"message": message, "type": "server_error", "param": None, "code": code}
+    return _sse({"error": error})
+
+
 @attrs.define(eq=False)
 class Api:
     """Request handlers over a pool."""
@@ -151,12 +186,19 @@ class Api:
     settings: ServerSettings
     metrics: Metrics
     http: httpx.AsyncClient = attrs.field(init=False)
+    shutting_down: bool = attrs.field(default=False, init=False)
+    """Set when the drain deadline of a graceful shutdown has passed."""
 
     def __attrs_post_init__(self) -> None:
         self.http = httpx.AsyncClient(
             trust_env=False,
             timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            # Idle connections are dropped well before llama-server (cpp-httplib) closes
+            # them after 5 s: with equal timeouts, a request sent on a connection the
+            # runtime is closing fails ("Server disconnected without sending a response").
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0
+            ),
         )
 
     # -- plumbing -------------------------------------------------------------------------
@@ -261,6 +303,8 @@ class Api:
         try:
             raw, body = await self._json_body(request)
             model = _validate(body, kind)
+            if kind != "embedding" and self.settings.max_tokens_limit is not None:
+                raw, body = _limit_tokens(raw, body, self.settings.max_tokens_limit)
             stream = bool(body.get("stream", False))
             context = self.pool.use(model)
             instance = await context.__aenter__()
@@ -333,6 +377,8 @@ class Api:
         release: Callable[[], Awaitable[None]],
     ) -> Response:
         model = instance.entry.name
+        # Each read (the first byte, every later chunk) must come within stall_timeout.
+        timeout = httpx.Timeout(None, connect=10.0, read=self.pool.limits.stall_timeout)
         try:
             await instance.model.ensure_running()  # type: ignore[union-attr]
             upstream_request = self.http.build_request(
@@ -340,19 +386,29 @@ class Api:
                 instance.model.url + path,
                 content=raw,  # type: ignore[union-attr]
                 headers={"content-type": "application/json"},
+                timeout=timeout,
             )
             upstream = await self.http.send(upstream_request, stream=True)
+        except httpx.ReadTimeout:
+            await release()
+            message = await self._stalled(instance)
+            return error_response(504, message, "server_error", code="runtime_timeout")
         except (httpx.TransportError, RocmuxError) as exc:
             await release()
             return error_response(502, await self._explain(instance, exc), "server_error")
         if not stream or upstream.status_code != 200:
             try:
                 content = await upstream.aread()
+            except httpx.ReadTimeout:
+                message = await self._stalled(instance)
+                return error_response(504, message, "server_error", code="runtime_timeout")
             except httpx.TransportError as exc:
                 return error_response(502, await self._explain(instance, exc), "server_error")
             finally:
                 await upstream.aclose()
                 await release()
+            if upstream.status_code >= 400:
+                return _upstream_error(upstream.status_code, content)
             if upstream.status_code == 200:
                 try:
                     self.metrics.record_usage(model, json.loads(content).get("usage"))
@@ -374,18 +430,17 @@ class Api:
                         self.metrics.ttft.labels(model).observe(time.perf_counter() - arrived)
                     tail = (tail + chunk)[-4096:]
                     yield chunk
+            except httpx.ReadTimeout:
+                yield _sse_error(await self._stalled(instance), "runtime_timeout")
+                return
             except httpx.TransportError as exc:
-                message = await self._explain(instance, exc)
-                yield _sse(
-                    {
-                        "error": {
-                            "message": message,
-                            "type": "server_error",
-                            "param": None,
-                            "code": "runtime_failed",
-                        }
-                    }
-                )
+                yield _sse_error(await self._explain(instance, exc), self._cut_code())
+                return
+            sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+            if sse and b"data: [DONE]" not in tail:
+                # The runtime closed the stream cleanly but early (it was stopped).
+                lost = httpx.RemoteProtocolError("the stream ended without [DONE]")
+                yield _sse_error(await self._explain(instance, lost), self._cut_code())
                 return
             self.metrics.record_usage(model, _usage_from_tail(tail))
 
@@ -397,7 +452,44 @@ class Api:
 
         return _Stream(body(), cleanup)
 
+    def _cut_code(self) -> str:
+        return "server_shutdown" if self.shutting_down else "runtime_failed"
+
+    async def _stalled(self, instance: Instance) -> str:
+        """Why a request saw no byte for ``stall_timeout``; a hung runtime is killed."""
+        limits = self.pool.limits
+        message = (
+            f"the {instance.backend} runtime of {instance.entry.name!r} sent nothing for "
+            f"{limits.stall_timeout:g} s (limits.stall_timeout)"
+        )
+        check = getattr(instance.model, "check_health", None)
+        if check is not None and not await check(limits.health_timeout):
+            message += "; it did not answer its health check either, so it was killed"
+        server = getattr(instance.model, "server", None)
+        if server is not None:
+            try:
+                await server.check_alive()
+            except ServerCrashed as crashed:
+                message += f". {crashed}"
+        return message
+
+    async def begin_shutdown(self) -> None:
+        """The drain deadline passed: stop every runtime, which ends the open streams
+        with an error event instead of a cut connection."""
+        self.shutting_down = True
+        for instance in list(self.pool.instances.values()):
+            server = getattr(instance.model, "server", None)
+            if server is not None and instance.in_flight:
+                # llama-server does not exit on SIGTERM while it streams: no grace.
+                server.stop_timeout = 0.0
+        await self.pool.aclose()
+
     async def _explain(self, instance: Instance, exc: BaseException) -> str:
+        if self.shutting_down:
+            return (
+                "rocmux serve is shutting down: the stream was cut at the drain deadline "
+                f"({self.settings.shutdown_timeout:g} s)"
+            )
         server = getattr(instance.model, "server", None)
         if server is not None:
             await server.wait_exit(0.5)
@@ -543,6 +635,8 @@ def _validate(body: dict[str, Any], kind: str) -> str:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise BadRequest(f"messages[{i}] must be an object with a 'role'", "messages")
+            _validate_message(message, i)
+        _validate_tools(body.get("tools"))
     elif kind == "completion":
         prompt = body.get("prompt")
         if not isinstance(prompt, str | list):
@@ -563,6 +657,74 @@ def _validate(body: dict[str, Any], kind: str) -> str:
     if "stream" in body and not isinstance(body["stream"], bool):
         raise BadRequest("'stream' must be true or false", "stream")
     return model
+
+
+def _validate_message(message: dict[str, Any], i: int) -> None:
+    """OpenAI's types for a chat message's fields (runtimes answer 500 to some others)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise BadRequest(
+                    f"messages[{i}].content parts must be objects with a 'type'", "messages"
+                )
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise BadRequest(f"messages[{i}].content text parts need a 'text'", "messages")
+    elif content is not None and not isinstance(content, str):
+        raise BadRequest(f"messages[{i}].content must be a string or an array", "messages")
+    for name in ("name", "tool_call_id", "reasoning_content"):
+        if name in message and not isinstance(message[name], str):
+            raise BadRequest(f"messages[{i}].{name} must be a string", "messages")
+    calls = message.get("tool_calls")
+    if calls is not None and not (
+        isinstance(calls, list) and all(_is_function(call) for call in calls)
+    ):
+        raise BadRequest(
+            f"messages[{i}].tool_calls must be an array of "
+            '{"type": "function", "function": {"name": ...}} objects',
+            "messages",
+        )
+
+
+def _validate_tools(tools: object) -> None:
+    if tools is not None and not (
+        isinstance(tools, list) and all(_is_function(tool) for tool in tools)
+    ):
+        raise BadRequest(
+            '\'tools\' must be an array of {"type": "function", "function": {"name": ...}} objects',
+            "tools",
+        )
+
+
+def _is_function(item: object) -> bool:
+    if not isinstance(item, dict) or item.get("type", "function") != "function":
+        return False
+    function = item.get("function")
+    return isinstance(function, dict) and isinstance(function.get("name"), str)
+
+
+def _limit_tokens(raw: bytes, body: dict[str, Any], limit: int) -> tuple[bytes, dict[str, Any]]:
+    """Refuse a token budget over ``limit``; give a request that names none ``limit``.
+
+    llama-server also reads ``n_predict`` (where -1 means no end), so it is held to
+    the same limit.
+    """
+    asked = {
+        name: body[name]
+        for name in ("max_tokens", "max_completion_tokens", "n_predict")
+        if body.get(name) is not None
+    }
+    for name, value in asked.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise BadRequest(
+                f"'{name}' must be a positive integer of at most {limit} on this server "
+                "([server] max_tokens_limit)",
+                name,
+            )
+    if asked:
+        return raw, body
+    body = {**body, "max_tokens": limit}
+    return json.dumps(body).encode(), body
 
 
 def _generate_config(body: dict[str, Any]) -> GenerateConfig:
@@ -600,4 +762,14 @@ def create_app(
         Route("/admin/instances", api.admin_instances, methods=["GET"]),
         Route("/admin/instances/{key}/unload", api.admin_unload, methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan), api
+    handlers = {HTTPException: _http_exception}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers), api
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Unknown paths (404) and wrong methods (405) in OpenAI's error shape too."""
+    status = getattr(exc, "status_code", 400)
+    detail = getattr(exc, "detail", "")
+    message = f"{request.method} {request.url.path}: {detail}"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+    return error_response(status, message, code=code, headers=getattr(exc, "headers", None))

@@ -340,16 +340,29 @@ class ModelPool:
                             await self._unload(instance, "idle")
 
     async def monitor_health_forever(self, interval: float = 0.5) -> None:
-        """Restart crashed idle instances, with the backend's bounded retries."""
+        """Restart crashed idle instances, with the backend's bounded retries.
+
+        A running idle instance is probed too: one whose health check times out is
+        hung (stopped, deadlocked); it is killed and restarted like a crashed one.
+        Busy instances are not probed, since a runtime whose HTTP threads are all
+        serving streams may be slow to answer while healthy; their requests are
+        bounded by ``limits.stall_timeout`` instead.
+        """
         while True:
             await anyio.sleep(interval)
             for instance in list(self.instances.values()):
                 server = getattr(instance.model, "server", None)
-                if instance.state != "ready" or server is None or server.running:
-                    continue
                 restart = getattr(instance.model, "ensure_running", None)
-                if restart is None or instance.in_flight:
+                if instance.state != "ready" or server is None or restart is None:
                     continue
+                if instance.in_flight:
+                    continue
+                if server.running:
+                    check = getattr(instance.model, "check_health", None)
+                    if check is None or await check(self.limits.health_timeout):
+                        continue
+                    if self.instances.get(instance.key) is not instance:
+                        continue
                 try:
                     await server.check_alive()
                 except RocmuxError as exc:

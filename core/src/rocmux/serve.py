@@ -18,6 +18,7 @@ from rocmux.manager import PluginManager, get_plugin_manager
 from rocmux.types import LoadConfig
 
 if TYPE_CHECKING:
+    import uvicorn
     from starlette.applications import Starlette
 
     from rocmux.http_api import Api
@@ -112,7 +113,7 @@ async def serve(
     if load is not None:
         config = attrs.evolve(config, load=load)
     entries = model_entries(config, models)
-    app, _api, _pool = Service(entries, config, settings).build()
+    app, api, _pool = Service(entries, config, settings).build()
     if not is_loopback(settings.host) and not settings.api_keys:
         print(
             f"rocmux serve: WARNING: listening on {settings.host} with no API key: anyone "
@@ -133,7 +134,22 @@ async def serve(
             port=settings.port,
             log_level="warning",
             lifespan="on",
-            timeout_graceful_shutdown=30,
+            # A backstop: at shutdown_timeout the runtimes are stopped, which ends
+            # the streams still open, each with an error event.
+            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10,
         )
     )
-    await server.serve()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_drain_deadline, server, api, settings.shutdown_timeout)
+        await server.serve()
+        tg.cancel_scope.cancel()
+
+
+async def _drain_deadline(server: uvicorn.Server, api: Api, grace: float) -> None:
+    """Once a shutdown begins (SIGTERM, Ctrl-C), give in-flight requests ``grace``
+    seconds, then stop the runtimes so that the streams left end cleanly."""
+    from rocmux.supervisor import poll_until
+
+    await poll_until(lambda: server.should_exit, interval=0.1)
+    await anyio.sleep(grace)
+    await api.begin_shutdown()

@@ -81,6 +81,23 @@ class ServedModel(TextModel):
         """Restart the server if it died (bounded by ``max_restarts``); no-op if running."""
         await self._ensure_running()
 
+    async def check_health(self, limit: float) -> bool:
+        """Probe the running server; one that fails two probes ``limit`` seconds apart
+        is hung: it is killed (restarted by the next ``ensure_running``), False returned.
+        """
+        server = self.server
+        if server is None or not server.running:
+            return True
+        started = anyio.current_time()
+        problem = await server.probe(limit)
+        if problem is None:
+            return True
+        await anyio.sleep(max(0.0, started + limit - anyio.current_time()))
+        if not server.running or await server.probe(limit) is None:
+            return True  # recovered, or died: a crash, which check_alive reports
+        await server.kill_hung(f"{problem}, twice (hung)")
+        return False
+
     async def _ensure_running(self) -> OpenAIClient:
         if self._closed:
             raise ModelClosed(

@@ -106,6 +106,7 @@ class ServerProcess:
     _reader: threading.Thread | None = attrs.field(default=None, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _exit_reported: bool = attrs.field(default=False, init=False)
+    _killed_because: str | None = attrs.field(default=None, init=False)
 
     @_lines.default
     def _lines_default(self) -> deque[str]:
@@ -190,6 +191,7 @@ class ServerProcess:
         self._ready_line.clear()
         self._stopping = False
         self._exit_reported = False
+        self._killed_because = None
         try:
             proc = subprocess.Popen(
                 _death_tie(argv),
@@ -266,6 +268,46 @@ class ServerProcess:
 
     # -- failure ----------------------------------------------------------------------
 
+    async def probe(self, limit: float) -> str | None:
+        """Why the running server is unresponsive (its health endpoint sent nothing
+        within ``limit`` seconds, or its port refuses connections), or None.
+
+        Any answer, even an error status, means it is responsive. A bare socket, not an
+        HTTP client: building one costs ~25 ms of CPU (its TLS context), and idle
+        instances are probed every half second.
+        """
+        if not self.running or self.port is None:
+            return None
+        request = f"GET {self.launch.health_path} HTTP/1.0\r\nHost: {self.host}\r\n\r\n"
+        with anyio.move_on_after(limit):
+            try:
+                async with await anyio.connect_tcp(self.host, self.port) as stream:
+                    await stream.send(request.encode())
+                    await stream.receive()
+                return None
+            except OSError as exc:
+                # anyio wraps the refusal: "All connection attempts failed".
+                if isinstance(exc, ConnectionRefusedError) or isinstance(
+                    exc.__cause__, ConnectionRefusedError
+                ):
+                    # Alive but no longer listening (llama-server stuck in its shutdown).
+                    return f"it refused connections on port {self.port}"
+                return None
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return None
+        return f"it did not answer {self.launch.health_path} within {limit:g} s"
+
+    async def kill_hung(self, reason: str) -> None:
+        """SIGKILL a server that stopped answering; ``check_alive`` then names ``reason``."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None or self._stopping:
+            return
+        self._killed_because = reason
+        # SIGKILL acts on a stopped (SIGSTOPped) process too; SIGTERM would stay pending.
+        _kill_group(proc.pid, signal.SIGKILL)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5.0):
+            await poll_until(lambda: proc.poll() is not None)
+
     async def wait_exit(self, limit: float) -> None:
         """Wait up to ``limit`` seconds for the process to exit."""
         with anyio.move_on_after(limit):
@@ -281,9 +323,11 @@ class ServerProcess:
         if not self._exit_reported:
             self._exit_reported = True
             self._emit("crashed", returncode=returncode, stderr_tail=tail)
+        how = f"died with {_describe_exit(returncode)}"
+        if self._killed_because is not None:
+            how = f"was killed ({_describe_exit(returncode)}): {self._killed_because}"
         raise ServerCrashed(
-            f"the {self.launch.backend} server (pid {self.pid}) died with "
-            f"{_describe_exit(returncode)}. Last output:\n{tail}",
+            f"the {self.launch.backend} server (pid {self.pid}) {how}. Last output:\n{tail}",
             returncode=returncode,
             stderr_tail=tail,
         )
