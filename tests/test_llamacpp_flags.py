@@ -144,3 +144,28 @@ def test_setup_cmake_args():
     assert "-DGGML_HIP=ON" in cmake_args("hip")
     assert "-DGGML_CUDA=ON" in cmake_args("cuda")
     assert not any("GGML_HIP" in a or "GGML_CUDA" in a for a in cmake_args("cpu"))
+
+
+def test_igpu_is_left_out_beside_a_discrete_gpu(monkeypatch):
+    from pathlib import Path as P
+
+    from rocmux import devices
+    from rocmux_llamacpp_hip.backend import igpu_exclusion
+
+    trees = P(__file__).parent / "data" / "sysfs"
+    for var in devices.VISIBILITY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    real = devices.detect_gpus
+    monkeypatch.setattr(
+        devices, "detect_gpus", lambda smi=True: real(trees / "rdna3_dgpu", smi=False)
+    )
+    assert igpu_exclusion() == {"HIP_VISIBLE_DEVICES": "0"}
+    monkeypatch.setattr(
+        devices, "detect_gpus", lambda smi=True: real(trees / "apu_strix_halo", smi=False)
+    )
+    assert igpu_exclusion() == {}
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(
+        devices, "detect_gpus", lambda smi=True: real(trees / "rdna3_dgpu", smi=False)
+    )
+    assert igpu_exclusion() == {}

@@ -60,6 +60,15 @@ def device_env(kind: str, devices: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def igpu_exclusion() -> dict[str, str]:
+    """``HIP_VISIBLE_DEVICES`` leaving integrated GPUs out when a discrete one is present
+    (rocmux.devices decides, and stands aside when the user set a visibility variable)."""
+    from rocmux.devices import default_visible_devices, detect_gpus
+
+    value = default_visible_devices(detect_gpus(smi=False))
+    return {"HIP_VISIBLE_DEVICES": value} if value is not None else {}
+
+
 def choose_settings(model: Path, config: LoadConfig, info: BuildInfo) -> tuple[LoadConfig, str]:
     """Fill the context length and GPU layers the user left open, from the memory fit.
 
@@ -124,6 +133,8 @@ class LlamaCppBackend(Backend):
             *merge_extra(base_flags(model, config), config.extra_flags, known),
         ]
         env = device_env(self._info.kind, config.devices)
+        if self._info.kind == "hip" and not config.devices:
+            env.update(await anyio.to_thread.run_sync(igpu_exclusion))
         plugins = self.plugins or get_plugin_manager()
 
         def make_launch() -> Launch:
