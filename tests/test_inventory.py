@@ -531,3 +531,49 @@ def test_numpy_walk_is_the_python_walk(strings, extra, tail) -> None:
     assert _skip(data, count, vector=True) == python
     if not extra:
         assert python == len(data) - len(tail)
+
+
+def test_cli_models_lists_good_split_and_corrupt_files(tmp_path, default_model):
+    """`rocmux models DIR`: right figures for each model, an error line for the corrupt
+    file, exit status 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gguf_factory import TinyLlama, write_split, write_tiny_llama
+
+    os.symlink(default_model, tmp_path / default_model.name)
+    write_tiny_llama(tmp_path / "a.gguf", TinyLlama(n_layer=2))
+    write_tiny_llama(tmp_path / "b.gguf", TinyLlama(n_layer=3, n_embd=96, n_head=6, n_head_kv=3))
+    write_split(tmp_path / "split", TinyLlama(n_layer=4), parts=3)
+    (tmp_path / "corrupt.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    done = subprocess.run(
+        [sys.executable, "-m", "rocmux.cli", "models", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {os.path.basename(r["path"]): r for r in json.loads(done.stdout)}
+    assert rows[default_model.name]["info"]["block_count"] == 30
+    assert rows["a.gguf"]["info"]["block_count"] == 2
+    assert rows["b.gguf"]["info"]["embedding_length"] == 96
+    split = [r for name, r in rows.items() if name.startswith("split")]
+    assert len(split) == 1
+    assert split[0]["info"]["split_count"] == 3
+    assert split[0]["info"]["block_count"] == 4
+    assert rows["corrupt.gguf"]["info"] is None
+    assert rows["corrupt.gguf"]["error"]
+    table = subprocess.run(
+        [sys.executable, "-m", "rocmux.cli", "models", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert table.returncode == 0
+    assert "error" in table.stdout
+    assert "corrupt.gguf" in table.stdout
