@@ -100,6 +100,21 @@ async def test_deadline_is_enforced_and_the_child_is_killed():
     assert not _alive(server.pid)
 
 
+async def test_cancelled_start_leaves_no_child():
+    """A load given up before it is ready (the caller's scope cancelled) kills the child."""
+    events = Events()
+    plugins = PluginManager()
+    plugins.register(events, name="events")
+    server = ServerProcess(_launch("--ready-after", "30"), plugins=plugins)
+    with anyio.move_on_after(0.5) as scope:
+        await server.start()
+    assert scope.cancelled_caught
+    assert server.pid is not None
+    assert not _alive(server.pid)
+    assert events.kinds[0] == "spawned"
+    assert not server.running
+
+
 async def test_missing_executable():
     launch = Launch(backend="test", argv=["/nonexistent/server", "--port", PORT])
     with pytest.raises(BinaryNotFound, match="/nonexistent/server"):

@@ -163,6 +163,11 @@ class ServerProcess:
                     continue
                 await self.stop()
                 raise
+            except BaseException:
+                # Cancelled (every caller gave up on the load) or broken: the child must
+                # not outlive the attempt that started it. stop() is shielded.
+                await self.stop()
+                raise
             self._emit("ready", url=self.url)
             return
         raise StartupFailed(
