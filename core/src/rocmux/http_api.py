@@ -380,15 +380,7 @@ class Api:
         # Each read (the first byte, every later chunk) must come within stall_timeout.
         timeout = httpx.Timeout(None, connect=10.0, read=self.pool.limits.stall_timeout)
         try:
-            await instance.model.ensure_running()  # type: ignore[union-attr]
-            upstream_request = self.http.build_request(
-                "POST",
-                instance.model.url + path,
-                content=raw,  # type: ignore[union-attr]
-                headers={"content-type": "application/json"},
-                timeout=timeout,
-            )
-            upstream = await self.http.send(upstream_request, stream=True)
+            upstream = await self._send(instance, path, raw, timeout)
         except httpx.ReadTimeout:
             await release()
             message = await self._stalled(instance)
@@ -451,6 +443,31 @@ class Api:
             await release()
 
         return _Stream(body(), cleanup)
+
+    async def _send(
+        self, instance: Instance, path: str, raw: bytes, timeouts: httpx.Timeout
+    ) -> httpx.Response:
+        """POST to the runtime; the response head is read, the body left to stream."""
+        for attempt in range(2):
+            await instance.model.ensure_running()  # type: ignore[union-attr]
+            request = self.http.build_request(
+                "POST",
+                instance.model.url + path,  # type: ignore[union-attr]
+                content=raw,
+                headers={"content-type": "application/json"},
+                timeout=timeouts,
+            )
+            try:
+                return await self.http.send(request, stream=True)
+            except httpx.RemoteProtocolError:
+                # "Server disconnected without sending a response": a pooled connection
+                # that llama-server closed as it was reused (about 1 request in 1000,
+                # after a stream). The request never reached it: send it once more, if the
+                # runtime is still running (else it crashed, which is reported).
+                server = getattr(instance.model, "server", None)
+                if attempt or server is None or not server.running:
+                    raise
+        raise AssertionError("unreachable")
 
     def _cut_code(self) -> str:
         return "server_shutdown" if self.shutting_down else "runtime_failed"
