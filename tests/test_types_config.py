@@ -29,6 +29,14 @@ def test_generate_config_validates_and_maps_to_openai():
     assert body == {"max_tokens": 5, "temperature": 0, "seed": 1, "stop": ["\n"], "top_k": 40}
 
 
+def test_ignore_eos_is_sent_only_when_asked():
+    assert "ignore_eos" not in GenerateConfig().to_openai()
+    assert GenerateConfig(max_tokens=3, ignore_eos=True).to_openai() == {
+        "max_tokens": 3,
+        "ignore_eos": True,
+    }
+
+
 def test_message_role_is_checked():
     with pytest.raises(ValueError):
         Message("robot", "hi")  # type: ignore[arg-type]

@@ -56,6 +56,9 @@ class GenerateConfig:
     seed: int | None = None
     stop: tuple[str, ...] = attrs.field(default=(), converter=_tuple_of_str)
     repeat_penalty: float | None = attrs.field(default=None, validator=v.optional(v.gt(0.0)))
+    ignore_eos: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    """Keep generating past end-of-generation tokens up to ``max_tokens`` (benchmarks).
+    Sent as llama-server's and vLLM's ``ignore_eos``; a runtime without it stops at EOS."""
 
     @classmethod
     def greedy(cls, max_tokens: int = 256, seed: int = 0) -> GenerateConfig:
@@ -73,6 +76,8 @@ class GenerateConfig:
             body["stop"] = list(self.stop)
         if self.repeat_penalty is not None:
             body["repeat_penalty"] = self.repeat_penalty
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         return body
 
 
