@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("devices", help="list GPUs (ROCm, NVIDIA) and the CPU, with live memory")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--snapshot",
+        type=Path,
+        metavar="FILE",
+        help="also write the files detection read to FILE (JSON) for a bug report; "
+        "ROCMUX_SYSFS_ROOT=FILE replays it",
+    )
 
     p = sub.add_parser("run", help="load a model and stream its answer to PROMPT")
     p.add_argument("prompt", metavar="PROMPT")
@@ -76,6 +83,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, dest="context_len", help="context length")
     p.add_argument("--parallel", type=int, help="parallel slots per model")
 
+    p = sub.add_parser(
+        "bench",
+        help="measure TTFT, prefill, decode and total tokens/s and peak memory",
+        description="Load each MODEL on each backend and stream greedy completions at each "
+        "concurrency level: time to first token, prefill and decode tokens/s, total "
+        "tokens/s and peak memory, with what is needed to reproduce them.",
+    )
+    p.add_argument(
+        "models",
+        nargs="*",
+        type=Path,
+        metavar="MODEL",
+        help="GGUF files (default: rocmux.toml's model or SmolLM2-135M)",
+    )
+    p.add_argument(
+        "-b",
+        "--backend",
+        dest="bench_backends",
+        action="append",
+        metavar="NAME[,NAME]",
+        help="backends to measure (repeatable; default: the chosen or best available one)",
+    )
+    p.add_argument(
+        "-c", "--concurrency", default="1,8,32", help="concurrent requests per level (1,8,32)"
+    )
+    p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt length (512)")
+    p.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens per request (128)")
+    p.add_argument("--rounds", type=int, default=1, help="batches per level (1)")
+    p.add_argument(
+        "--sweep",
+        metavar="FIELD=V1,V2",
+        help="one load per value of a load setting: flash_attn=on,off, context_len=2048,8192",
+    )
+    p.add_argument("--ctx-size", type=int, dest="context_len", help="context length")
+    p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU")
+    p.add_argument("--parallel", type=int, help="parallel slots (default: the top concurrency)")
+    p.add_argument("--flash-attn", choices=("on", "off"), help="flash attention")
+    p.add_argument("--threads", type=int, help="CPU threads of the runtime")
+    p.add_argument("--json", dest="json_path", metavar="PATH", help="write JSON (- for stdout)")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="plot against concurrency (matplotlib)")
+    p.add_argument("--compare", type=Path, metavar="OLD.json", help="show the change against OLD")
+    p.add_argument("--from-json", type=Path, metavar="PATH", help="show a saved run, do not run")
+    p.add_argument("--no-hash", action="store_true", help="skip the SHA-256 of the model files")
+
     p = sub.add_parser("setup", help="install or build a runtime (e.g. `setup llamacpp_hip`)")
     p.add_argument("name", metavar="BACKEND")
     group = p.add_mutually_exclusive_group()
@@ -93,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.command is None:
         _parser().print_help()
         return 0
@@ -283,7 +335,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_devices(args: argparse.Namespace) -> int:
     from rocmux.devices import run_devices_command
 
-    return run_devices_command(args.json)
+    return run_devices_command(args.json, snapshot=args.snapshot)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -382,6 +434,84 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rocmux.benchmark import BenchUsageError
+
+    try:
+        return _bench(args)
+    except BenchUsageError as exc:
+        print(f"rocmux bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    import anyio
+    import attrs
+    from rich.console import Console
+
+    from rocmux import benchmark, benchmark_report
+
+    # Piped output gets a wide table rather than rich's 80 columns.
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        from rocmux.errors import ConfigError
+
+        raise ConfigError("--plot needs matplotlib: pip install 'rocmux[bench]'")
+    old = benchmark_report.load_document(args.compare) if args.compare else None
+    if args.from_json is not None:
+        doc = benchmark_report.load_document(args.from_json)
+    else:
+        from rocmux.config import chosen_backend, load_config
+        from rocmux.models import resolve_model
+
+        settings = benchmark.BenchSettings(
+            prompt_tokens=args.prompt_tokens,
+            gen_tokens=args.gen_tokens,
+            concurrency=benchmark.parse_int_list(args.concurrency),
+            rounds=args.rounds,
+            hash_model=not args.no_hash,
+        )
+        sweep = benchmark.Sweep.parse(args.sweep) if args.sweep else None
+        models = [resolve_model(m) for m in args.models] or [resolve_model(None)]
+        names = [n.strip() for item in args.bench_backends or () for n in item.split(",")]
+        backends = [n for n in dict.fromkeys(names) if n]
+        if not backends:
+            chosen = chosen_backend(args.backend)
+            if chosen is None:
+                from rocmux.selection import choose_backend
+
+                chosen = anyio.run(choose_backend).entry.name
+            backends = [chosen]
+        fields = ("context_len", "gpu_layers", "parallel", "threads")
+        overrides: dict[str, Any] = {k: getattr(args, k) for k in fields if getattr(args, k)}
+        if args.flash_attn is not None:
+            overrides["flash_attn"] = args.flash_attn == "on"
+        load = attrs.evolve(load_config().load, **overrides)
+        jobs = benchmark.plan_jobs(models, backends, load, settings, sweep)
+        command = ["rocmux", *args.argv]
+        if err.is_terminal:
+            with benchmark_report.ProgressReporter(err) as reporter:
+                doc = anyio.run(benchmark.run_benchmark, jobs, settings, reporter, None, command)
+        else:
+            reporter = benchmark_report.LineReporter(err)
+            doc = anyio.run(benchmark.run_benchmark, jobs, settings, reporter, None, command)
+    if args.json_path is not None and args.from_json is None:
+        benchmark_report.write_json(doc, args.json_path)
+    table_console = err if args.json_path == "-" else out
+    benchmark_report.render_table(doc, table_console)
+    if old is not None:
+        benchmark_report.render_compare(old, doc, table_console, old_name=args.compare.name)
+    if args.plot is not None:
+        benchmark_report.plot(doc, args.plot)
+        err.print(f"plot written to {args.plot}", markup=False, highlight=False)
+    if args.json_path not in (None, "-") and args.from_json is None:
+        err.print(f"results written to {args.json_path}", markup=False, highlight=False)
+    return 1 if any(run.get("error") for run in doc["runs"]) else 0
+
+
 def _cmd_setup(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -418,6 +548,7 @@ _COMMANDS = {
     "models": _cmd_models,
     "devices": _cmd_devices,
     "setup": _cmd_setup,
+    "bench": _cmd_bench,
 }
 
 if __name__ == "__main__":
