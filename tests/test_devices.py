@@ -15,9 +15,11 @@ import sys
 import types
 from pathlib import Path
 
+import attrs
 import pytest
 from rocmux import devices
 from rocmux.devices import GpuInfo
+from rocmux.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
 DGPU = DATA / "sysfs" / "rdna3_dgpu"
@@ -29,7 +31,7 @@ NODES = Path("sys/class/kfd/kfd/topology/nodes")
 
 def copy_tree(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / src.name
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, symlinks=True)  # real sysfs links loop back on themselves
     return dst
 
 
@@ -490,31 +492,54 @@ def test_nvml_without_a_driver(monkeypatch):
 
 
 def test_table_rows():
-    rows = devices.devices_table_rows(devices.amd_gpus(DGPU), devices.cpu_info(DGPU))
+    gpus = devices.amd_gpus(DGPU)
+    selection = devices.select_gpus(gpus, env={})
+    rows = devices.devices_table_rows(gpus, devices.cpu_info(DGPU), selection)
     assert [len(row) for row in rows] == [len(devices.DEVICE_COLUMNS)] * 3
-    assert rows[0][:4] == ("ROCm0", "AMD Radeon RX 7900 XTX", "gfx1100", "discrete")
-    assert rows[0][4:7] == ("1.5 GiB", "22.5 GiB", "24.0 GiB")
-    assert rows[1][3] == "integrated"
-    assert rows[2][0] == "CPU" and rows[2][3] == "cpu"
+    columns = devices.DEVICE_COLUMNS
+    dgpu = dict(zip(columns, rows[0], strict=True))
+    assert dgpu["Device"] == "0000:03:00.0"  # the stable id first, the index beside it
+    assert (dgpu["Index"], dgpu["Name"], dgpu["Arch"], dgpu["Type"]) == (
+        "ROCm0",
+        "AMD Radeon RX 7900 XTX",
+        "gfx1100",
+        "discrete",
+    )
+    assert (dgpu["Mem used"], dgpu["Mem free"], dgpu["Mem total"]) == (
+        "1.5 GiB",
+        "22.5 GiB",
+        "24.0 GiB",
+    )
+    assert (dgpu["Unique id"], dgpu["Use"]) == ("GPU-4f8a2c1d9b3e7a05", "yes")
+    igpu = dict(zip(columns, rows[1], strict=True))
+    assert (igpu["Device"], igpu["Type"], igpu["Use"]) == ("0000:13:00.0", "integrated", "no")
+    cpu = dict(zip(columns, rows[2], strict=True))
+    assert (cpu["Device"], cpu["Index"], cpu["Type"], cpu["Use"]) == ("CPU", "-", "cpu", "-")
 
 
 def test_run_devices_command_json(monkeypatch, capsys, no_visibility_env):
-    monkeypatch.setattr(devices, "detect_gpus", lambda: devices.amd_gpus(DGPU))
+    monkeypatch.setattr(devices, "detect_gpus", lambda *a, **k: devices.amd_gpus(DGPU))
     assert devices.run_devices_command(as_json=True) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [g["id"] for g in doc["gpus"]] == ["ROCm0", "ROCm1"]
+    assert [g["stable_id"] for g in doc["gpus"]] == ["0000:03:00.0", "0000:13:00.0"]
     assert doc["gpus"][1]["integrated"] is True
     assert doc["gpus"][0]["memory_free"] == 25753026560 - 1610612736
+    assert [g["used"] for g in doc["gpus"]] == [True, False]
+    # gfx1036 (Raphael's iGPU) is not on ROCm's list: that reason comes first.
+    assert doc["gpus"][1]["left_out"].startswith("ROCm does not support gfx1036")
     assert doc["cpu"]["vendor"] == "cpu"
     assert doc["hip_visible_devices"] == "0"
 
 
 def test_run_devices_command_table(monkeypatch, capsys, no_visibility_env):
-    monkeypatch.setattr(devices, "detect_gpus", lambda: devices.amd_gpus(DGPU))
+    monkeypatch.setattr(devices, "detect_gpus", lambda *a, **k: devices.amd_gpus(DGPU))
     monkeypatch.setenv("COLUMNS", "250")
     assert devices.run_devices_command(as_json=False) == 0
     out = capsys.readouterr().out
     assert "AMD Radeon RX 7900 XTX" in out and "gfx1036" in out and "CPU" in out
+    assert "0000:03:00.0" in out and "GPU-4f8a2c1d9b3e7a05" in out
+    assert "0000:13:00.0 left out: ROCm does not support gfx1036" in out
     assert "HIP_VISIBLE_DEVICES=0" in out
 
 
@@ -541,3 +566,422 @@ def test_import_does_no_io():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ new recorded trees
+
+RX = DATA / "sysfs" / "rx7800xt_igpu"
+MI = DATA / "sysfs" / "mi300x_pair"
+GIB = 1 << 30
+TREES = [DGPU, APU, RX, MI]
+RX_DGPU, RX_IGPU = "0000:03:00.0", "0000:0e:00.0"
+MI_0, MI_1 = "0000:0c:00.0", "0000:8c:00.0"
+
+
+def test_rx7800xt_beside_a_ryzen_igpu():
+    dgpu, igpu = devices.detect_gpus(RX)
+    assert (dgpu.stable_id, dgpu.index, dgpu.kfd_node) == (RX_DGPU, 0, 1)
+    assert (dgpu.name, dgpu.gfx_target, dgpu.compute_units) == (
+        "AMD Radeon RX 7800 XT",
+        "gfx1101",
+        60,
+    )
+    assert not dgpu.integrated
+    assert dgpu.memory_total == dgpu.vram_total == 16368 * MIB
+    assert dgpu.unique_id == "GPU-8c3f1b6e2a9d4057"
+
+    assert (igpu.stable_id, igpu.index, igpu.kfd_node) == (RX_IGPU, 1, 2)
+    assert (igpu.name, igpu.gfx_target, igpu.compute_units) == (
+        "AMD Radeon 780M Graphics",
+        "gfx1103",
+        12,
+    )
+    assert igpu.integrated  # gfx1103 is Phoenix, an APU-only target
+    assert igpu.unique_id is None
+    # Carve-out plus GTT: what the iGPU can really allocate.
+    assert igpu.vram_total == 512 * MIB
+    assert igpu.memory_total == 512 * MIB + igpu.gtt_total
+    assert igpu.memory_total > 15 * GIB
+
+
+def test_two_mi300x_behind_two_cpu_nodes():
+    first, second = devices.detect_gpus(MI)
+    # KFD nodes 0 and 1 are the two EPYC sockets: HIP numbers the GPUs 0 and 1 anyway.
+    assert [(g.index, g.kfd_node, g.drm_render_minor) for g in (first, second)] == [
+        (0, 2, 128),
+        (1, 3, 136),
+    ]
+    assert [g.stable_id for g in (first, second)] == [MI_0, MI_1]
+    assert [g.unique_id for g in (first, second)] == [
+        "GPU-2f1c5a7be0943d61",
+        "GPU-6b08e2d4c17a9f35",
+    ]
+    for gpu in (first, second):
+        assert (gpu.name, gpu.gfx_target, gpu.compute_units) == (
+            "AMD Instinct MI300X",
+            "gfx942",
+            304,
+        )
+        assert gpu.memory_total == 196592 * MIB and not gpu.integrated
+    # Both in one XGMI hive.
+    assert first.hive_id == second.hive_id and first.hive_id
+    assert second.memory_free > first.memory_free  # the first has a model loaded
+
+
+def test_pci_address_from_the_sysfs_device_link(tmp_path):
+    """Without KFD's location_id, the address comes from where the device link points;
+    without KFD's unique_id, from amdgpu's unique_id file (both real links in this tree)."""
+    root = copy_tree(MI, tmp_path)
+    for node in (2, 3):
+        set_property(root, node, "location_id", 0)
+        set_property(root, node, "unique_id", 0)
+    first, second = devices.amd_gpus(root)
+    assert (first.pci_bus, second.pci_bus) == (MI_0, MI_1)
+    assert (first.unique_id, second.unique_id) == ("GPU-2f1c5a7be0943d61", "GPU-6b08e2d4c17a9f35")
+
+
+def test_stable_id_prefers_the_pci_address():
+    gpu = devices.amd_gpus(DGPU)[0]
+    assert gpu.stable_id == "0000:03:00.0"
+    assert attrs.evolve(gpu, pci_bus=None).stable_id == "GPU-4f8a2c1d9b3e7a05"
+    assert devices.cpu_info(DGPU).stable_id is None
+
+
+def test_find_gpu_by_every_accepted_form():
+    gpus = devices.amd_gpus(MI)
+    for ref in (MI_1, "8c:00.0", "0000:8C:00.0", "GPU-6B08E2D4C17A9F35", "1", "ROCm1"):
+        assert devices.find_gpu(ref, gpus) is gpus[1], ref
+    for ref in ("0000:99:00.0", "GPU-0000000000000000", "7", "CPU", ""):
+        assert devices.find_gpu(ref, gpus) is None, ref
+
+
+def test_resolve_devices_warns_about_indices_and_names_the_stable_ids():
+    gpus = devices.amd_gpus(MI)
+    chosen, warnings = devices.resolve_devices([MI_1, "0"], gpus)
+    assert [g.stable_id for g in chosen] == [MI_0, MI_1]  # HIP order
+    assert len(warnings) == 1
+    assert "'0' is an enumeration index" in warnings[0] and f'"{MI_0}"' in warnings[0]
+
+    with pytest.raises(ConfigError) as info:
+        devices.resolve_devices(["0000:99:00.0"], gpus)
+    assert MI_0 in str(info.value) and MI_1 in str(info.value)
+    with pytest.raises(ConfigError, match="twice"):
+        devices.resolve_devices([MI_1, "ROCm1"], gpus)
+
+
+# ------------------------------------------------------------------ gfx targets
+
+
+@pytest.mark.parametrize(
+    ("target", "built", "covered"),
+    [
+        ("gfx1101", {"gfx1100", "gfx1101"}, True),
+        ("gfx1101", {"gfx1100"}, False),
+        ("gfx1103", {"gfx11-generic"}, True),
+        ("gfx942", {"gfx942:sramecc+:xnack-"}, True),
+        ("gfx942", {"gfx9-4-generic"}, True),
+        ("gfx942", {"gfx9-generic"}, False),
+        ("gfx1036", {"gfx10-3-generic"}, True),
+    ],
+)
+def test_target_covered(target, built, covered):
+    assert devices.target_covered(target, built) is covered
+
+
+def test_unsupported_reason():
+    dgpu, igpu = devices.amd_gpus(RX)
+    assert devices.unsupported_reason(dgpu, env={}) is None  # gfx1101: on ROCm's list
+    assert "ROCm does not support gfx1103" in devices.unsupported_reason(igpu, env={})
+    why = devices.unsupported_reason(dgpu, build_targets={"gfx1100"}, env={})
+    assert "not built for gfx1101 (built for gfx1100)" in why
+    assert "HSA_OVERRIDE_GFX_VERSION" in why
+    # The override makes ROCr report another target: nothing is checked then.
+    override = {"HSA_OVERRIDE_GFX_VERSION": "11.0.0"}
+    assert devices.unsupported_reason(igpu, build_targets={"gfx1100"}, env=override) is None
+    assert devices.unsupported_reason(igpu, rocm_targets=None, env={}) is None
+
+
+# ------------------------------------------------------------------ visibility
+
+
+def test_default_selection_leaves_the_igpu_out_beside_the_rx7800xt():
+    selection = devices.select_gpus(devices.amd_gpus(RX), env={})
+    assert [g.stable_id for g in selection.gpus] == [RX_DGPU]
+    assert selection.env == {"HIP_VISIBLE_DEVICES": "0"}
+    ((left, why),) = selection.left_out
+    assert left.stable_id == RX_IGPU and "ROCm does not support gfx1103" in why
+
+    # With gfx1103 accepted, it is left out for being integrated.
+    targets = devices.ROCM_SUPPORTED_TARGETS | {"gfx1103"}
+    selection = devices.select_gpus(devices.amd_gpus(RX), rocm_targets=targets, env={})
+    assert selection.env == {"HIP_VISIBLE_DEVICES": "0"}
+    assert "integrated GPU left out beside a discrete GPU" in selection.left_out[0][1]
+    kept = devices.select_gpus(
+        devices.amd_gpus(RX), rocm_targets=targets, keep_integrated=True, env={}
+    )
+    assert len(kept.gpus) == 2 and kept.env == {}  # all usable GPUs: no variable needed
+
+
+def test_a_lone_apu_is_used_with_its_gtt():
+    selection = devices.select_gpus(devices.amd_gpus(APU), env={})
+    (gpu,) = selection.gpus
+    assert gpu.integrated and selection.env == {} and selection.left_out == ()
+    assert gpu.memory_total > 100 * GIB  # GTT counted, not the 512 MiB carve-out
+
+
+def test_pins_are_stable_ids_translated_to_hip_indices(tmp_path):
+    """The same stable id gets the right HIP index whatever the KFD node order."""
+    root = copy_tree(RX, tmp_path)
+    nodes = root / NODES
+    (nodes / "1").rename(nodes / "tmp")
+    (nodes / "2").rename(nodes / "1")
+    (nodes / "tmp").rename(nodes / "2")
+    gpus = devices.amd_gpus(root)
+    assert [g.stable_id for g in gpus] == [RX_IGPU, RX_DGPU]  # the iGPU is HIP 0 now
+
+    assert devices.select_gpus(gpus, pinned=[RX_DGPU], env={}).env == {"HIP_VISIBLE_DEVICES": "1"}
+    assert devices.select_gpus(gpus, env={}).env == {"HIP_VISIBLE_DEVICES": "1"}
+    assert devices.select_gpus(devices.amd_gpus(RX), pinned=[RX_DGPU], env={}).env == {
+        "HIP_VISIBLE_DEVICES": "0"
+    }
+
+
+def test_pinning_a_gpu_the_runtime_cannot_run_is_an_error_unless_overridden():
+    gpus = devices.amd_gpus(RX)
+    with pytest.raises(ConfigError, match="ROCm does not support gfx1103"):
+        devices.select_gpus(gpus, pinned=[RX_IGPU], env={})
+    override = {"HSA_OVERRIDE_GFX_VERSION": "11.0.0"}
+    selection = devices.select_gpus(gpus, pinned=[RX_IGPU], env=override)
+    assert selection.env == {"HIP_VISIBLE_DEVICES": "1"}
+    assert any("HSA_OVERRIDE_GFX_VERSION=11.0.0" in note for note in selection.notes)
+
+
+def test_the_users_rocr_visible_devices_is_respected_and_nothing_is_added():
+    gpus = devices.amd_gpus(RX)
+    env = {"ROCR_VISIBLE_DEVICES": "GPU-8c3f1b6e2a9d4057"}
+    selection = devices.select_gpus(gpus, env=env)
+    assert selection.env == {}
+    assert [g.stable_id for g in selection.gpus] == [RX_DGPU]
+    assert selection.user_variables == env
+    assert "compose" in selection.notes[0]
+    # A pin that agrees with the user's variable is fine; one that does not is an error.
+    assert devices.select_gpus(gpus, pinned=[RX_DGPU], env=env).env == {}
+    with pytest.raises(ConfigError) as info:
+        devices.select_gpus(gpus, pinned=[RX_IGPU], env={"ROCR_VISIBLE_DEVICES": "0"})
+    assert "ROCR_VISIBLE_DEVICES=0" in str(info.value) and RX_IGPU in str(info.value)
+
+
+def test_user_variables_compose_rocr_first_then_hip():
+    gpus = devices.amd_gpus(RX)
+    env = {"ROCR_VISIBLE_DEVICES": "1,0", "HIP_VISIBLE_DEVICES": "0"}
+    assert [g.stable_id for g in devices.user_visible(gpus, "hip", env)] == [RX_IGPU]
+    assert devices.user_visible(gpus, "hip", {"HIP_VISIBLE_DEVICES": "5"}) is None
+    assert devices.user_visible(gpus, "hip", {"ROCR_VISIBLE_DEVICES": "GPU-dead"}) is None
+    assert [g.index for g in devices.user_visible(gpus, "hip", {})] == [0, 1]
+
+
+def test_mi300x_pins():
+    gpus = devices.amd_gpus(MI)
+    assert devices.select_gpus(gpus, pinned=[MI_1], env={}).env == {"HIP_VISIBLE_DEVICES": "1"}
+    assert devices.select_gpus(gpus, pinned=[MI_1, MI_0], env={}).env == {}
+    assert devices.select_gpus(gpus, env={}).env == {}
+
+
+def test_gpus_the_build_lacks_are_skipped_with_a_reason():
+    gpus = devices.amd_gpus(MI)
+    selection = devices.select_gpus(gpus, build_targets={"gfx90a"}, env={})
+    assert selection.gpus == () and selection.env == {}
+    assert all("not built for gfx942 (built for gfx90a)" in why for _, why in selection.left_out)
+    assert len(devices.select_gpus(gpus, build_targets={"gfx9-4-generic"}, env={}).gpus) == 2
+    override = {"HSA_OVERRIDE_GFX_VERSION": "9.4.2"}
+    assert len(devices.select_gpus(gpus, build_targets={"gfx90a"}, env=override).gpus) == 2
+    # On the RX 7800 XT machine, a gfx1100-only build leaves no GPU at all.
+    rx = devices.select_gpus(devices.amd_gpus(RX), build_targets={"gfx1100"}, env={})
+    assert rx.gpus == () and len(rx.left_out) == 2
+
+
+def _nvidia(index: int, bus: str, uuid: str) -> GpuInfo:
+    return GpuInfo(
+        index=index,
+        vendor="nvidia",
+        name="NVIDIA H100",
+        memory_total=80 * GIB,
+        memory_free=(70 - 10 * index) * GIB,
+        pci_bus=bus,
+        unique_id=uuid,
+    )
+
+
+def test_cuda_runtime_gets_cuda_visible_devices_by_uuid_only():
+    gpus = [
+        *devices.amd_gpus(RX),
+        _nvidia(0, "0000:41:00.0", "GPU-aaaa-0"),
+        _nvidia(1, "0000:61:00.0", "GPU-bbbb-1"),
+    ]
+    selection = devices.select_gpus(gpus, runtime="cuda", pinned=["0000:61:00.0"], env={})
+    assert selection.env == {"CUDA_VISIBLE_DEVICES": "GPU-bbbb-1"}
+    assert devices.select_gpus(gpus, runtime="cuda", env={}).env == {}
+    user = {"CUDA_VISIBLE_DEVICES": "GPU-aaaa-0"}
+    assert devices.select_gpus(gpus, runtime="cuda", env=user).env == {}
+    assert [g.stable_id for g in devices.select_gpus(gpus, runtime="cuda", env=user).gpus] == [
+        "0000:41:00.0"
+    ]
+
+
+# ------------------------------------------------------------------ placement
+
+
+def test_place_picks_the_gpu_with_the_most_free_memory():
+    gpus = devices.amd_gpus(MI)
+    placement = devices.place(100 * GIB, gpus)
+    assert [g.stable_id for g in placement.gpus] == [MI_1]  # 191.7 GiB free against 143.7
+    assert placement.fits and placement.tensor_split is None
+    assert "most free memory" in placement.reason
+    # 150 GiB fits only the second GPU; still one GPU, no split.
+    assert [g.stable_id for g in devices.place(150 * GIB, gpus).gpus] == [MI_1]
+
+
+def test_place_says_when_only_a_split_fits():
+    placement = devices.place(300 * GIB, devices.amd_gpus(MI))
+    assert [g.stable_id for g in placement.gpus] == [MI_1] and not placement.fits
+    assert "set split" in placement.reason
+
+
+def test_place_splits_in_proportion_to_free_memory():
+    gpus = devices.amd_gpus(MI)
+    placement = devices.place(300 * GIB, gpus, split=True)
+    assert [g.stable_id for g in placement.gpus] == [MI_0, MI_1] and placement.fits
+    assert placement.tensor_split == (gpus[0].memory_free >> 20, gpus[1].memory_free >> 20)
+    assert placement.free == gpus[0].memory_free + gpus[1].memory_free
+
+
+def test_place_honours_pins_and_reservations():
+    gpus = devices.amd_gpus(MI)
+    assert [g.stable_id for g in devices.place(GIB, gpus, pinned=[MI_0]).gpus] == [MI_0]
+    pinned_both = devices.place(GIB, gpus, pinned=[MI_1, MI_0])
+    assert len(pinned_both.gpus) == 2 and pinned_both.tensor_split is not None
+    # 100 GiB promised to a load in progress on the second GPU: the first wins now.
+    reserved = {MI_1: 100 * GIB}
+    assert [g.stable_id for g in devices.place(GIB, gpus, reserved=reserved).gpus] == [MI_0]
+
+
+def test_place_breaks_ties_by_index_and_handles_no_gpu():
+    gpu = devices.amd_gpus(MI)[1]
+    twins = [attrs.evolve(gpu, index=1, pci_bus=MI_1), attrs.evolve(gpu, index=0, pci_bus=MI_0)]
+    assert devices.place(GIB, twins).gpus[0].stable_id == MI_0
+    empty = devices.place(GIB, [])
+    assert empty.gpus == () and not empty.fits
+
+
+def test_metric_labels_use_the_stable_id():
+    gpu = devices.amd_gpus(MI)[1]
+    assert devices.metric_labels(gpu) == {"device": MI_1, "name": "AMD Instinct MI300X"}
+
+
+# ------------------------------------------------------------------ ROCMUX_SYSFS_ROOT and snapshots
+
+
+def test_rocmux_sysfs_root_points_detection_at_a_recorded_tree(monkeypatch):
+    monkeypatch.setenv("ROCMUX_SYSFS_ROOT", str(MI))
+    assert devices.default_root() == MI
+    assert [g.stable_id for g in devices.detect_gpus()] == [MI_0, MI_1]
+    assert devices.cpu_info().name == "AMD EPYC 9654 96-Core Processor"
+    gpu = devices.detect_gpus()[0]
+    assert devices.memory_now(gpu) == (gpu.memory_used, gpu.memory_free)
+    monkeypatch.delenv("ROCMUX_SYSFS_ROOT")
+    assert devices.default_root() == Path("/")
+
+
+@pytest.mark.parametrize("tree", TREES, ids=lambda p: p.name)
+def test_snapshot_round_trip(tree, tmp_path):
+    """A snapshot of a recorded tree, loaded back as a new root, detects the same."""
+    doc = devices.take_snapshot(tree)
+    assert doc["format"] == "rocmux-sysfs-snapshot" and doc["files"]
+    assert "sys/class/kfd/kfd/topology/nodes/1/properties" in doc["files"]
+    root = devices.load_snapshot(json.loads(json.dumps(doc)), tmp_path / "replayed")
+    assert devices.amd_gpus(root) == devices.amd_gpus(tree)
+    before, after = devices.cpu_info(tree), devices.cpu_info(root)
+    assert (after.name, after.memory_total, after.memory_free) == (
+        before.name,
+        before.memory_total,
+        before.memory_free,
+    )
+    assert [g["stable_id"] for g in doc["detected"]["gpus"]] == [
+        g.stable_id for g in devices.amd_gpus(tree)
+    ]
+
+
+def test_snapshot_keeps_device_links_and_render_node_access(tmp_path):
+    root = copy_tree(MI, tmp_path)
+    set_property(root, 2, "location_id", 0)  # the address must come from the link
+    (root / "dev/dri").mkdir(parents=True)
+    (root / "dev/dri/renderD136").touch()  # renderD128 cannot be opened
+    doc = devices.take_snapshot(root)
+    assert doc["links"]["sys/class/drm/renderD128/device"].endswith("/0000:0c:00.0")
+    assert doc["render_nodes"] == {"128": False, "136": True}
+    replayed = devices.load_snapshot(doc, tmp_path / "replayed")
+    assert devices.amd_gpus(replayed) == devices.amd_gpus(root)
+    first, second = devices.amd_gpus(replayed)
+    assert (first.pci_bus, first.index, second.index) == (MI_0, None, 0)
+
+
+def test_snapshot_command_and_replay_through_the_environment(tmp_path, monkeypatch, capsys):
+    from rocmux.cli import main
+
+    monkeypatch.setenv("ROCMUX_SYSFS_ROOT", str(RX))
+    snapshot = tmp_path / "my-machine.json"
+    assert main(["devices", "--json", "--snapshot", str(snapshot)]) == 0
+    captured = capsys.readouterr()
+    original = json.loads(captured.out)
+    assert f"in {snapshot}" in captured.err and snapshot.is_file()
+
+    monkeypatch.setenv("ROCMUX_SYSFS_ROOT", str(snapshot))  # the JSON file itself
+    assert main(["devices", "--json"]) == 0
+    replayed = json.loads(capsys.readouterr().out)
+    assert replayed["gpus"] == original["gpus"]
+    assert replayed["hip_visible_devices"] == "0"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"format": "something else", "version": 1},
+        {"format": "rocmux-sysfs-snapshot", "version": 99},
+        {"format": "rocmux-sysfs-snapshot", "version": 1, "files": {"../escape": "x"}},
+        {"format": "rocmux-sysfs-snapshot", "version": 1, "files": {"/etc/passwd": "x"}},
+        {"format": "rocmux-sysfs-snapshot", "version": 1, "links": {"a": "../../b"}},
+    ],
+)
+def test_load_snapshot_refuses_bad_documents(bad, tmp_path):
+    with pytest.raises(ValueError):
+        devices.load_snapshot(bad, tmp_path / "out")
+    assert not (tmp_path / "escape").exists()
+
+
+# ------------------------------------------------------------------ [devices] in rocmux.toml
+
+
+def test_devices_table_in_the_config():
+    from rocmux.config import Config
+
+    config = Config.from_mapping(
+        {"devices": {"extra_targets": ["GFX1102"], "keep_integrated": True}}
+    )
+    assert config.devices.extra_targets == ("gfx1102",)
+    assert config.devices.keep_integrated is True
+    assert Config().devices.extra_targets == ()
+    for bad in ({"extra_targets": "gfx1102"}, {"extra_targets": ["1102"]}, {"keep": True}):
+        with pytest.raises(ConfigError):
+            Config.from_mapping({"devices": bad})
+
+
+def test_extra_targets_reach_the_default_selection(tmp_path, monkeypatch):
+    from rocmux import config as rocmux_config
+
+    toml = tmp_path / "rocmux.toml"
+    toml.write_text('[devices]\nextra_targets = ["gfx1103"]\nkeep_integrated = true\n')
+    monkeypatch.setenv("ROCMUX_CONFIG", str(toml))
+    monkeypatch.setattr(rocmux_config, "_cached", None)
+    selection = devices.default_selection(devices.amd_gpus(RX), env={})
+    assert len(selection.gpus) == 2 and selection.env == {}
+    monkeypatch.setattr(rocmux_config, "_cached", None)

@@ -38,6 +38,10 @@ Recognised keys (every one optional)::
     health_timeout = 5             # an idle runtime silent this long, twice, is killed
     memory_budget = "6GiB"         # estimated memory all loaded models may use; default none
 
+    [devices]                      # which GPUs runtimes get (docs/gpu.md)
+    extra_targets = ["gfx1102"]    # gfx targets to treat as supported beyond ROCm's list
+    keep_integrated = false        # true: keep an integrated GPU beside a discrete one
+
     [[models]]                     # what `rocmux serve` offers; default: the default model
     name = "smollm2"
     path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,11 +49,13 @@ Recognised keys (every one optional)::
     aliases = ["default"]
     [models.load]                  # LoadConfig for this model
     context_len = 4096
+    devices = ["0000:03:00.0"]     # pin to GPUs by stable id (`rocmux devices`), not index
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +76,7 @@ _TOP_KEYS = {
     "server",
     "limits",
     "models",
+    "devices",
 }
 
 
@@ -190,6 +197,27 @@ class Limits:
     """Bytes all loaded instances may use together (estimated), e.g. "6GiB"; None: no limit."""
 
 
+def _gfx_targets(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ValueError(f"extra_targets must be a list of gfx targets, got {value!r}")
+    targets = tuple(str(v).strip().lower() for v in value)
+    bad = [t for t in targets if not re.fullmatch(r"gfx[0-9a-f]+", t)]
+    if bad:
+        raise ValueError(f"not gfx targets (like gfx1102): {', '.join(bad)}")
+    return targets
+
+
+@attrs.frozen(kw_only=True)
+class DeviceSettings:
+    """``[devices]``: which GPUs rocmux gives a runtime when a model pins none."""
+
+    extra_targets: tuple[str, ...] = attrs.field(default=(), converter=_gfx_targets)
+    """gfx targets treated as supported by ROCm on top of its documented list
+    (``rocmux.devices.ROCM_SUPPORTED_TARGETS``)."""
+    keep_integrated: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    """Keep an integrated GPU beside a discrete one (it is left out by default)."""
+
+
 @attrs.frozen(kw_only=True)
 class ModelEntry:
     """One ``[[models]]`` table: a model ``rocmux serve`` offers under ``name``."""
@@ -226,6 +254,7 @@ class Config:
     server: ServerSettings = attrs.field(factory=ServerSettings)
     limits: Limits = attrs.field(factory=Limits)
     models: tuple[ModelEntry, ...] = ()
+    devices: DeviceSettings = attrs.field(factory=DeviceSettings)
 
     @classmethod
     def from_toml(cls, path: Path) -> Config:
@@ -270,6 +299,7 @@ class Config:
             server=_build(ServerSettings, data.get("server", {}), "server"),
             limits=_build(Limits, data.get("limits", {}), "limits"),
             models=_models(data.get("models", []), where),
+            devices=_build(DeviceSettings, data.get("devices", {}), "devices"),
         )
 
     def backend_options(self, name: str) -> Mapping[str, Any]:

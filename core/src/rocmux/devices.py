@@ -13,11 +13,21 @@ Kernel sources this module follows (see also ``tests/data/sysfs/README.md``):
 - ``gfx_target_version`` values: drivers/gpu/drm/amd/amdkfd/kfd_device.c, ``kgd2kfd_probe()``
 - amdgpu memory and product files: https://docs.kernel.org/gpu/amdgpu/driver-misc.html
 - ``gpu_busy_percent``: https://docs.kernel.org/gpu/amdgpu/thermal.html
+
+``ROCMUX_SYSFS_ROOT`` points every reader at a recorded tree (or a snapshot written by
+``rocmux devices --snapshot``) instead of ``/``; see ``default_root``.
+
+Device identity: a GPU is named by ``GpuInfo.stable_id`` (its PCI address), which
+survives reboots and other GPUs coming and going; ``index`` is only the runtime's
+ordinal today. ``select_gpus`` turns stable ids into the one visibility variable a
+runtime gets, ``place`` picks the GPU(s) a model goes to.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import contextvars
 import json
 import os
 import platform
@@ -25,12 +35,15 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
+from rocmux.errors import ConfigError
 from rocmux.types import Device
 
 Vendor = Literal["amd", "nvidia", "cpu"]
@@ -126,7 +139,9 @@ class GpuInfo:
 
     ``pci_bus`` ("0000:03:00.0") and ``unique_id`` ("GPU-<16 hex>", the form ROCm's
     tools print and ``ROCR_VISIBLE_DEVICES`` accepts; NVML's UUID for NVIDIA) stay the
-    same across boots, unlike ``index``.
+    same across boots, unlike ``index``; ``stable_id`` is the one rocmux names a GPU by.
+    ``hive_id`` is KFD's XGMI hive: GPUs with the same non-zero value are joined by XGMI
+    (``kfd_topology_add_device`` copies ``adev->gmc.xgmi.hive_id``).
     """
 
     index: int | None
@@ -146,6 +161,20 @@ class GpuInfo:
     unique_id: str | None = None
     kfd_node: int | None = None
     drm_render_minor: int | None = None
+    hive_id: int | None = None
+
+    @property
+    def stable_id(self) -> str | None:
+        """The PCI address, else the unique id: what config pins and labels use.
+
+        The PCI address comes first because every GPU has one (KFD's ``location_id``
+        and ``domain``, or the sysfs ``device`` link) while amdgpu's ``unique_id`` exists
+        only where the SMU reports a serial (driver-misc.rst); it changes only when the
+        card moves to another slot.
+        """
+        if self.vendor == "cpu":
+            return None
+        return self.pci_bus or self.unique_id
 
     @property
     def device_id(self) -> str:
@@ -184,14 +213,70 @@ class SmiRecord:
     busy_percent: int | None = None
 
 
+# ---------------------------------------------------------------- root and recording
+
+ROOT_ENV = "ROCMUX_SYSFS_ROOT"
+
+
+@attrs.define
+class _Recorder:
+    """What detection read under ``root``, for ``rocmux devices --snapshot``."""
+
+    root: Path
+    files: dict[str, str] = attrs.field(factory=dict)
+    links: dict[str, str] = attrs.field(factory=dict)
+    render_nodes: dict[str, bool] = attrs.field(factory=dict)
+
+    def rel(self, path: Path) -> str | None:
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+
+
+_RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar(
+    "rocmux_sysfs_recorder", default=None
+)
+_loaded_snapshots: dict[tuple[str, int], Path] = {}
+
+
+def default_root(env: Mapping[str, str] | None = None) -> Path:
+    """``$ROCMUX_SYSFS_ROOT`` (a recorded tree, or a snapshot JSON file), else ``/``.
+
+    A snapshot file is unpacked once per process into a temporary folder.
+    """
+    value = (os.environ if env is None else env).get(ROOT_ENV)
+    if not value:
+        return Path("/")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        return path
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _loaded_snapshots:
+        dest = Path(tempfile.mkdtemp(prefix="rocmux-snapshot-"))
+        atexit.register(shutil.rmtree, dest, True)
+        _loaded_snapshots[key] = load_snapshot(path, dest)
+    return _loaded_snapshots[key]
+
+
+def _root(root: Path | None) -> Path:
+    return default_root() if root is None else Path(root)
+
+
 # ---------------------------------------------------------------- small readers
 
 
 def _read_text(path: Path) -> str | None:
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        rel = recorder.rel(path)
+        if rel is not None:
+            recorder.files[rel] = text
+    return text.strip()
 
 
 def _parse_int(text: str | None) -> int | None:
@@ -209,6 +294,21 @@ def _read_int(path: Path) -> int | None:
 
 def _is_live(root: Path) -> bool:
     return Path(root) == Path("/")
+
+
+def _record_link(device: Path) -> None:
+    """Remember where a sysfs ``device`` link points (the PCI device folder)."""
+    recorder = _RECORDER.get()
+    if recorder is None:
+        return
+    rel = recorder.rel(device)
+    try:
+        target = device.resolve()
+        target_rel = target.relative_to(recorder.root.resolve()).as_posix()
+    except (OSError, ValueError):
+        return
+    if rel is not None and target_rel != rel:
+        recorder.links[rel] = target_rel
 
 
 def parse_kfd_properties(text: str) -> dict[str, int]:
@@ -241,9 +341,9 @@ def normalize_pci_bus(text: str | None) -> str | None:
     return f"{int(domain or '0', 16):04x}:{bus.lower()}:{dev.lower()}.{fn}"
 
 
-def read_meminfo(root: Path = Path("/")) -> dict[str, int]:
+def read_meminfo(root: Path | None = None) -> dict[str, int]:
     """``/proc/meminfo`` in bytes (the file counts kB)."""
-    text = _read_text(Path(root) / "proc/meminfo") or ""
+    text = _read_text(_root(root) / "proc/meminfo") or ""
     info: dict[str, int] = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
@@ -298,7 +398,11 @@ def _render_node_usable(root: Path, minor: int | None) -> bool:
         return True
     if not minor:
         return False
-    return os.access(dri / f"renderD{minor}", os.R_OK | os.W_OK)
+    usable = os.access(dri / f"renderD{minor}", os.R_OK | os.W_OK)
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.render_nodes[str(minor)] = usable
+    return usable
 
 
 def _amd_memory(
@@ -379,9 +483,9 @@ def _amd_name(
     return GENERIC_AMD_NAME
 
 
-def amd_gpus(root: Path = Path("/")) -> list[GpuInfo]:
+def amd_gpus(root: Path | None = None) -> list[GpuInfo]:
     """AMD GPUs of the KFD topology, in node order (the order HIP numbers them)."""
-    root = Path(root)
+    root = _root(root)
     try:
         nodes = sorted(
             (p for p in (root / KFD_NODES).iterdir() if p.name.isdigit()),
@@ -415,6 +519,8 @@ def amd_gpus(root: Path = Path("/")) -> list[GpuInfo]:
             continue
         minor = props.get("drm_render_minor") or None
         device = root / DRM_CLASS / f"renderD{minor}" / "device" if minor else None
+        if device is not None:
+            _record_link(device)
         index: int | None = None
         if _render_node_usable(root, minor):
             index, ordinal = ordinal, ordinal + 1
@@ -442,6 +548,7 @@ def amd_gpus(root: Path = Path("/")) -> list[GpuInfo]:
                 unique_id=_amd_unique_id(props, device),
                 kfd_node=int(node.name),
                 drm_render_minor=minor,
+                hive_id=props.get("hive_id") or None,
             )
         )
     return gpus
@@ -722,9 +829,10 @@ def _cpu_name(root: Path) -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def cpu_info(root: Path = Path("/")) -> GpuInfo:
+def cpu_info(root: Path | None = None) -> GpuInfo:
     """The CPU as a device: system RAM from ``root``'s ``/proc/meminfo``
     (``MemAvailable`` counts as free) and the CPUs this process may run on."""
+    root = _root(root)
     meminfo = read_meminfo(root)
     total, available = meminfo.get("MemTotal"), meminfo.get("MemAvailable")
     return GpuInfo(
@@ -741,14 +849,15 @@ def cpu_info(root: Path = Path("/")) -> GpuInfo:
 # ---------------------------------------------------------------- public entry points
 
 
-def detect_gpus(root: Path = Path("/"), *, smi: bool = True) -> list[GpuInfo]:
+def detect_gpus(root: Path | None = None, *, smi: bool = True) -> list[GpuInfo]:
     """AMD GPUs (KFD order) then NVIDIA GPUs (NVML order).
 
-    SMI tools and NVML describe the running system, so they are asked only when
-    ``root`` is ``/``; ``amd-smi`` runs only if sysfs left a memory size unknown, or a
-    name generic with no ``amdgpu.ids`` to look it up in.
+    ``root`` defaults to ``default_root()``. SMI tools and NVML describe the running
+    system, so they are asked only when ``root`` is ``/``; ``amd-smi`` runs only if
+    sysfs left a memory size unknown, or a name generic with no ``amdgpu.ids`` to look
+    it up in.
     """
-    root = Path(root)
+    root = _root(root)
     gpus = amd_gpus(root)
     if not _is_live(root):
         return gpus
@@ -760,8 +869,9 @@ def detect_gpus(root: Path = Path("/"), *, smi: bool = True) -> list[GpuInfo]:
     return gpus + nvidia_gpus()
 
 
-def memory_now(gpu: GpuInfo, root: Path = Path("/")) -> tuple[int | None, int | None]:
+def memory_now(gpu: GpuInfo, root: Path | None = None) -> tuple[int | None, int | None]:
     """(used, free) in bytes, read again now: for watching VRAM while a model loads."""
+    root = _root(root)
     if gpu.vendor == "cpu":
         refreshed = cpu_info(root)
         return refreshed.memory_used, refreshed.memory_free
@@ -776,29 +886,591 @@ def memory_now(gpu: GpuInfo, root: Path = Path("/")) -> tuple[int | None, int | 
 
 
 def default_visible_devices(
-    gpus: Sequence[GpuInfo], env: Mapping[str, str] = os.environ
+    gpus: Sequence[GpuInfo], env: Mapping[str, str] | None = None
 ) -> str | None:
-    """The ``HIP_VISIBLE_DEVICES`` value that leaves integrated AMD GPUs out.
+    """The ``HIP_VISIBLE_DEVICES`` value rocmux gives a HIP runtime when the config pins
+    nothing: integrated GPUs left out beside a discrete one (an RX 7800 XT beside a
+    Ryzen iGPU: the iGPU would otherwise take a share of the layers at a fraction of
+    the speed), and GPUs whose gfx target ROCm does not support.
 
-    Only when a discrete AMD GPU is there too (an RX 7800 XT beside a Ryzen iGPU: the
-    iGPU would otherwise take a share of the layers at a fraction of the speed).
-    ``None`` (no restriction) when the iGPU is the only GPU (a Strix Halo APU, where it
-    has most of the memory), when there is nothing to leave out, or when the user
-    already set one of ``VISIBILITY_VARIABLES``.
+    ``None`` (no restriction) when nothing is left out (a Strix Halo APU alone, where
+    the iGPU has most of the memory) or when the user already set one of
+    ``VISIBILITY_VARIABLES``. See ``select_gpus``.
     """
-    if any(env.get(name) is not None for name in VISIBILITY_VARIABLES):
+    return select_gpus(gpus, runtime="hip", env=env).env.get("HIP_VISIBLE_DEVICES")
+
+
+# ---------------------------------------------------------------- stable ids
+
+
+_INDEX_REF = re.compile(r"^(?:(?:rocm|hip|cuda|gpu)\s*)?(\d+)$", re.IGNORECASE)
+_UUID_REF = re.compile(r"^(?:GPU|MIG)-[0-9a-fA-F-]+$")
+
+
+def is_index_ref(text: str) -> bool:
+    """Whether a ``devices`` entry is an enumeration index (``1``, ``ROCm1``)."""
+    return _INDEX_REF.match(text.strip()) is not None
+
+
+def describe_gpu(gpu: GpuInfo) -> str:
+    """``0000:03:00.0 (AMD Radeon RX 7800 XT, gfx1101)``: a GPU for messages."""
+    details = ", ".join(x for x in (gpu.name, gpu.gfx_target) if x)
+    return f"{gpu.stable_id or gpu.device_id} ({details})"
+
+
+def _known_ids(gpus: Sequence[GpuInfo]) -> str:
+    return "; ".join(describe_gpu(g) for g in gpus) or "none detected"
+
+
+def find_gpu(ref: str, gpus: Sequence[GpuInfo]) -> GpuInfo | None:
+    """The GPU a ``devices`` entry names: a PCI address (``0000:03:00.0``, ``03:00.0``),
+    a unique id (``GPU-4f8a2c1d9b3e7a05``, NVIDIA's ``GPU-<uuid>``) or, discouraged, an
+    index (``1``, ``ROCm1``: the runtime's ordinal now, which changes when GPUs are
+    added, removed or fail to open)."""
+    text = ref.strip()
+    bus = normalize_pci_bus(text)
+    if bus is not None:
+        return next((g for g in gpus if g.pci_bus == bus), None)
+    if _UUID_REF.match(text):
+        return next((g for g in gpus if (g.unique_id or "").lower() == text.lower()), None)
+    match = _INDEX_REF.match(text)
+    if match is not None:
+        return next((g for g in gpus if g.index == int(match[1])), None)
+    return None
+
+
+def resolve_devices(
+    refs: Sequence[str], gpus: Sequence[GpuInfo]
+) -> tuple[list[GpuInfo], list[str]]:
+    """The GPUs ``refs`` name, in HIP order, and warnings for entries given by index.
+
+    ``ConfigError`` names the stable ids to use when an entry matches no GPU or two
+    entries name the same GPU.
+    """
+    chosen: list[GpuInfo] = []
+    warnings: list[str] = []
+    for ref in refs:
+        gpu = find_gpu(ref, gpus)
+        if gpu is None:
+            raise ConfigError(
+                f"devices entry {ref!r} matches no usable GPU; name GPUs by PCI address or "
+                f"unique id, as `rocmux devices` lists them: {_known_ids(gpus)}"
+            )
+        if gpu in chosen:
+            raise ConfigError(f"devices names {describe_gpu(gpu)} twice: {list(refs)}")
+        if is_index_ref(ref):
+            warnings.append(
+                f"devices entry {ref!r} is an enumeration index, which changes when GPUs are "
+                f"added, removed or reordered; it means {describe_gpu(gpu)} now: write "
+                f'"{gpu.stable_id}" instead'
+            )
+        chosen.append(gpu)
+    chosen.sort(key=lambda g: (g.index is None, g.index or 0))
+    return chosen, warnings
+
+
+# ---------------------------------------------------------------- gfx targets
+
+# LLVM targets ROCm supports on Linux: the "GPU / LLVM target" rows of the ROCm 7.1
+# compatibility matrix (gfx950, gfx1201, gfx1200, gfx1101, gfx1100, gfx1030, gfx942,
+# gfx90a, gfx908; https://rocm.docs.amd.com/en/latest/compatibility/compatibility-matrix.html
+# and https://rocm.docs.amd.com/projects/install-on-linux/en/latest/reference/system-requirements.html)
+# plus the Ryzen AI Max APUs (gfx1151) of "Use ROCm on Radeon and Ryzen"
+# (https://rocm.docs.amd.com/projects/radeon-ryzen/en/latest/). A GPU outside the list
+# may still work (ROCm's libraries ship code for more targets than AMD supports): add
+# its target to ``[devices] extra_targets`` or set HSA_OVERRIDE_GFX_VERSION.
+ROCM_SUPPORTED_TARGETS = frozenset(
+    {
+        "gfx908",
+        "gfx90a",
+        "gfx942",
+        "gfx950",
+        "gfx1030",
+        "gfx1100",
+        "gfx1101",
+        "gfx1151",
+        "gfx1200",
+        "gfx1201",
+    }
+)
+
+# LLVM's generic targets and the processors their code objects run on (AMDGPUUsage,
+# "AMDGPU Generic Processors": https://llvm.org/docs/AMDGPUUsage.html#amdgpu-generic-processor-table).
+GENERIC_TARGETS: Mapping[str, frozenset[str]] = {
+    "gfx9-generic": frozenset({"gfx900", "gfx902", "gfx904", "gfx906", "gfx909", "gfx90c"}),
+    "gfx9-4-generic": frozenset({"gfx940", "gfx941", "gfx942", "gfx950"}),
+    "gfx10-1-generic": frozenset({"gfx1010", "gfx1011", "gfx1012", "gfx1013"}),
+    "gfx10-3-generic": frozenset(
+        {"gfx1030", "gfx1031", "gfx1032", "gfx1033", "gfx1034", "gfx1035", "gfx1036"}
+    ),
+    "gfx11-generic": frozenset(
+        {"gfx1100", "gfx1101", "gfx1102", "gfx1103", "gfx1150", "gfx1151", "gfx1152", "gfx1153"}
+    ),
+    "gfx12-generic": frozenset({"gfx1200", "gfx1201"}),
+}
+
+# Makes ROCr report every GPU as this version, so code objects built for it load on
+# GPUs it was not built for (ROCm environment variables, ROCR-Runtime:
+# https://rocm.docs.amd.com/en/latest/reference/env-variables.html).
+OVERRIDE_GFX_VAR = "HSA_OVERRIDE_GFX_VERSION"
+
+
+def base_target(target: str) -> str:
+    """``gfx942:sramecc+:xnack-`` -> ``gfx942`` (target id features dropped)."""
+    return target.strip().split(":", 1)[0].lower()
+
+
+def target_covered(target: str, targets: Collection[str]) -> bool:
+    """Whether code for ``targets`` (plain or generic) runs on ``target``."""
+    target = base_target(target)
+    for built in targets:
+        built = base_target(built)
+        if built == target or target in GENERIC_TARGETS.get(built, ()):
+            return True
+    return False
+
+
+def unsupported_reason(
+    gpu: GpuInfo,
+    *,
+    build_targets: Collection[str] | None = None,
+    rocm_targets: Collection[str] | None = ROCM_SUPPORTED_TARGETS,
+    env: Mapping[str, str] | None = None,
+) -> str | None:
+    """Why the runtime would fail on ``gpu`` ("invalid device function"), or ``None``.
+
+    ``build_targets``: the gfx targets the runtime was built for (``None``: unknown, not
+    checked). ``rocm_targets``: what ROCm supports (``None``: not checked). Neither
+    is checked when ``HSA_OVERRIDE_GFX_VERSION`` is set, nor for non-AMD devices.
+    """
+    env = os.environ if env is None else env
+    if gpu.vendor != "amd" or env.get(OVERRIDE_GFX_VAR):
         return None
-    amd = [g for g in gpus if g.vendor == "amd" and g.index is not None]
-    discrete = sorted(g.index for g in amd if not g.integrated and g.index is not None)
-    if not discrete or len(discrete) == len(amd):
-        return None
-    return ",".join(str(i) for i in discrete)
+    if gpu.gfx_target is None:
+        return None  # unknown target: nothing to check against
+    override = f"set {OVERRIDE_GFX_VAR} to run it anyway"
+    if build_targets is not None and not target_covered(gpu.gfx_target, build_targets):
+        built = ", ".join(sorted(base_target(t) for t in build_targets)) or "none"
+        return f"the runtime was not built for {gpu.gfx_target} (built for {built}); {override}"
+    if rocm_targets is not None and not target_covered(gpu.gfx_target, rocm_targets):
+        return (
+            f"ROCm does not support {gpu.gfx_target}; {override}, or add it to "
+            "[devices] extra_targets in rocmux.toml"
+        )
+    return None
+
+
+# ---------------------------------------------------------------- visibility
+
+Runtime = Literal["hip", "cuda"]
+
+# The one variable rocmux sets per runtime. HIP numbers the GPUs ROCr exposes (KFD node
+# order, skipping nodes whose render node cannot be opened); ROCR_VISIBLE_DEVICES
+# filters ROCr first and HIP_VISIBLE_DEVICES then indexes what is left, so the two
+# compose and renumber (GPU isolation techniques:
+# https://rocm.docs.amd.com/en/latest/conceptual/gpu-isolation.html; PyTorch's handling
+# of both: https://github.com/pytorch/pytorch/pull/142292). rocmux never sets
+# ROCR_VISIBLE_DEVICES. CUDA_VISIBLE_DEVICES takes UUIDs, which do not depend on
+# CUDA_DEVICE_ORDER (https://docs.nvidia.com/cuda/cuda-c-programming-guide/#env-vars).
+VISIBILITY_VAR: Mapping[Runtime, str] = {
+    "hip": "HIP_VISIBLE_DEVICES",
+    "cuda": "CUDA_VISIBLE_DEVICES",
+}
+_RUNTIME_VENDOR: Mapping[Runtime, Vendor] = {"hip": "amd", "cuda": "nvidia"}
+# What each user-set variable filters, for a runtime: ROCr's list first, then HIP's.
+_USER_VARS: Mapping[Runtime, tuple[str, ...]] = {
+    "hip": (
+        "ROCR_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "CUDA_VISIBLE_DEVICES",
+        "GPU_DEVICE_ORDINAL",
+    ),
+    "cuda": ("CUDA_VISIBLE_DEVICES",),
+}
+
+
+@attrs.frozen(kw_only=True)
+class Selection:
+    """The GPUs a runtime may use, the environment that limits it to them, and why the
+    others are left out.
+
+    ``env`` holds at most one variable, and none when the user's environment already
+    has one (``user_variables``): two would compose and renumber the GPUs.
+    """
+
+    runtime: Runtime
+    gpus: tuple[GpuInfo, ...]
+    left_out: tuple[tuple[GpuInfo, str], ...] = ()
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    notes: tuple[str, ...] = ()
+    user_variables: Mapping[str, str] = attrs.field(factory=dict)
+
+    def reason_for(self, gpu: GpuInfo) -> str | None:
+        """Why ``gpu`` is left out, ``None`` when it is used."""
+        return next((why for g, why in self.left_out if g == gpu), None)
+
+
+def _split(value: str) -> list[str]:
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def user_visible(
+    gpus: Sequence[GpuInfo], runtime: Runtime, env: Mapping[str, str]
+) -> list[GpuInfo] | None:
+    """The GPUs the user's own visibility variables leave the runtime, in its order;
+    ``None`` when a value cannot be followed (a token that names no GPU).
+
+    For HIP, ROCR_VISIBLE_DEVICES (indices or UUIDs) filters first, in the order it
+    lists; HIP_VISIBLE_DEVICES (else CUDA_VISIBLE_DEVICES, which HIP also reads) and
+    GPU_DEVICE_ORDINAL index what is left.
+    """
+    order = [g for g in gpus if g.vendor == _RUNTIME_VENDOR[runtime] and g.index is not None]
+    if runtime == "hip":
+        rocr = env.get("ROCR_VISIBLE_DEVICES")
+        if rocr is not None:
+            picked: list[GpuInfo] = []
+            for token in _split(rocr):
+                gpu = find_gpu(token, order)
+                if gpu is None:
+                    return None
+                picked.append(gpu)
+            order = picked
+        hip = env.get("HIP_VISIBLE_DEVICES", env.get("CUDA_VISIBLE_DEVICES"))
+        for value in (hip, env.get("GPU_DEVICE_ORDINAL")):
+            if value is None:
+                continue
+            picked = []
+            for token in _split(value):
+                if not token.isdigit() or int(token) >= len(order):
+                    return None
+                picked.append(order[int(token)])
+            order = picked
+        return order
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return order
+    picked = []
+    for token in _split(value):
+        # An index is NVML's, which is CUDA's only with CUDA_DEVICE_ORDER=PCI_BUS_ID.
+        gpu = find_gpu(token, order)
+        if gpu is None:
+            return None
+        picked.append(gpu)
+    return picked
+
+
+def visibility_value(runtime: Runtime, gpus: Sequence[GpuInfo]) -> str:
+    """The value of the runtime's visibility variable for ``gpus``: HIP indices in
+    ascending order (the order HIP then numbers them 0, 1, ...), CUDA UUIDs."""
+    if runtime == "cuda":
+        return ",".join(g.unique_id or str(g.index) for g in gpus)
+    return ",".join(str(g.index) for g in sorted(gpus, key=lambda g: g.index or 0))
+
+
+def select_gpus(
+    gpus: Sequence[GpuInfo],
+    *,
+    runtime: Runtime = "hip",
+    pinned: Sequence[str] = (),
+    build_targets: Collection[str] | None = None,
+    rocm_targets: Collection[str] | None = ROCM_SUPPORTED_TARGETS,
+    keep_integrated: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> Selection:
+    """Which GPUs a ``runtime`` child process gets, and its one visibility variable.
+
+    - ``pinned`` (stable ids from the config): exactly those; an unknown id, or a
+      pinned GPU the runtime cannot run on, is a ``ConfigError``; an index works but
+      is warned about in ``notes``.
+    - Otherwise every GPU the runtime can open, less those whose gfx target the build
+      or ROCm lacks (``unsupported_reason``), less integrated GPUs when a discrete one
+      remains (``keep_integrated`` keeps them).
+    - When the user's environment has a visibility variable, rocmux adds none: the
+      user's choice stands (and must agree with ``pinned``).
+    """
+    env = os.environ if env is None else env
+    vendor = _RUNTIME_VENDOR[runtime]
+    usable = [g for g in gpus if g.vendor == vendor and g.index is not None]
+    user_vars = {name: env[name] for name in _USER_VARS[runtime] if env.get(name) is not None}
+    notes: list[str] = []
+    left_out: list[tuple[GpuInfo, str]] = []
+
+    def check(gpu: GpuInfo) -> str | None:
+        return unsupported_reason(
+            gpu, build_targets=build_targets, rocm_targets=rocm_targets, env=env
+        )
+
+    if env.get(OVERRIDE_GFX_VAR) and vendor == "amd":
+        notes.append(
+            f"{OVERRIDE_GFX_VAR}={env[OVERRIDE_GFX_VAR]} is set: ROCr treats every GPU as that "
+            "target, so gfx target checks are skipped"
+        )
+
+    if user_vars:
+        shown = ", ".join(f"{k}={v}" for k, v in user_vars.items())
+        notes.append(
+            f"{shown} set in the environment: rocmux adds no visibility variable (a second "
+            "one would compose with it and renumber the GPUs)"
+        )
+        seen = user_visible(gpus, runtime, env)
+        if pinned:
+            wanted, warnings = resolve_devices(pinned, usable)
+            notes += warnings
+            if seen is None or {g.stable_id for g in seen} != {g.stable_id for g in wanted}:
+                got = "GPUs it cannot resolve" if seen is None else _known_ids(seen)
+                raise ConfigError(
+                    f"devices pins {_known_ids(wanted)}, but {shown} in the environment "
+                    f"selects {got}; unset the variable or make the two agree"
+                )
+        chosen = usable if seen is None else seen
+        for gpu in chosen:
+            why = check(gpu)
+            if why is not None:
+                notes.append(f"{describe_gpu(gpu)} is visible but {why}")
+        left_out = [(g, f"hidden by {shown}") for g in usable if g not in chosen]
+        return Selection(
+            runtime=runtime,
+            gpus=tuple(chosen),
+            left_out=tuple(left_out),
+            env={},
+            notes=tuple(notes),
+            user_variables=user_vars,
+        )
+
+    if pinned:
+        chosen, warnings = resolve_devices(pinned, usable)
+        notes += warnings
+        for gpu in chosen:
+            why = check(gpu)
+            if why is not None:
+                raise ConfigError(f"devices pins {describe_gpu(gpu)}, but {why}")
+        left_out = [(g, "not in the model's devices") for g in usable if g not in chosen]
+    else:
+        chosen = []
+        for gpu in usable:
+            why = check(gpu)
+            if why is None:
+                chosen.append(gpu)
+            else:
+                left_out.append((gpu, why))
+        if not keep_integrated and any(not g.integrated for g in chosen):
+            for gpu in [g for g in chosen if g.integrated]:
+                chosen.remove(gpu)
+                left_out.append(
+                    (gpu, "integrated GPU left out beside a discrete GPU; pin it to use it")
+                )
+    selected_env: dict[str, str] = {}
+    if chosen and len(chosen) < len(usable):
+        selected_env[VISIBILITY_VAR[runtime]] = visibility_value(runtime, chosen)
+    return Selection(
+        runtime=runtime,
+        gpus=tuple(chosen),
+        left_out=tuple(left_out),
+        env=selected_env,
+        notes=tuple(notes),
+    )
+
+
+# ---------------------------------------------------------------- placement
+
+
+@attrs.frozen(kw_only=True)
+class Placement:
+    """Where a model goes: ``gpus`` in the runtime's order (the order of its visibility
+    variable), ``tensor_split`` the proportions for llama.cpp's ``--tensor-split``
+    when it is split, ``fits`` whether the free memory covers the need."""
+
+    gpus: tuple[GpuInfo, ...]
+    tensor_split: tuple[int, ...] | None
+    fits: bool
+    reason: str
+
+    @property
+    def free(self) -> int:
+        """Free bytes of the chosen GPUs together."""
+        return sum(_free(g) for g in self.gpus)
+
+
+def _free(gpu: GpuInfo) -> int:
+    return gpu.memory_free if gpu.memory_free is not None else gpu.memory_total or 0
+
+
+def _gib_text(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def place(
+    need_bytes: int,
+    devices: Sequence[GpuInfo],
+    *,
+    pinned: Sequence[str] = (),
+    split: bool = False,
+    reserved: Mapping[str, int] | None = None,
+) -> Placement:
+    """The GPU(s) a model needing ``need_bytes`` goes to.
+
+    - ``pinned`` stable ids: those GPUs, split across when there are several.
+    - ``split``: every GPU in ``devices``, with ``--tensor-split`` proportions equal to
+      their free memory in MiB (llama.cpp splits layers in these proportions).
+    - Otherwise the one GPU with the most free memory; when none has room for the model
+      that one still wins (the memory fit then offloads fewer layers), with a reason.
+
+    ``reserved`` (stable id -> bytes) is memory promised to loads still in progress;
+    it counts as used.
+    """
+    reserved = reserved or {}
+
+    def free(gpu: GpuInfo) -> int:
+        return max(_free(gpu) - reserved.get(gpu.stable_id or "", 0), 0)
+
+    if not devices:
+        return Placement(gpus=(), tensor_split=None, fits=False, reason="no GPU to place on")
+    order = sorted(devices, key=lambda g: (g.index is None, g.index or 0))
+    if pinned:
+        chosen, _ = resolve_devices(pinned, order)
+        split = len(chosen) > 1
+    elif split:
+        chosen = order
+    else:
+        best = max(order, key=free)  # max keeps the first (lowest index) on ties
+        fits = free(best) >= need_bytes
+        others = [g for g in order if g is not best]
+        if fits:
+            why = (
+                f"{describe_gpu(best)} has the most free memory ({_gib_text(free(best))}) "
+                f"for {_gib_text(need_bytes)}"
+            )
+        else:
+            total = sum(free(g) for g in order)
+            hint = (
+                f"; all {len(order)} together have {_gib_text(total)}: set split to use them"
+                if others and total >= need_bytes
+                else ""
+            )
+            why = (
+                f"no GPU has {_gib_text(need_bytes)} free; {describe_gpu(best)} has the most "
+                f"({_gib_text(free(best))}){hint}"
+            )
+        return Placement(gpus=(best,), tensor_split=None, fits=fits, reason=why)
+    total = sum(free(g) for g in chosen)
+    proportions = tuple(max(free(g) >> 20, 1) for g in chosen)
+    why = (
+        f"split over {', '.join(describe_gpu(g) for g in chosen)} in proportions "
+        f"{','.join(map(str, proportions))} (free MiB): {_gib_text(total)} free for "
+        f"{_gib_text(need_bytes)}"
+    )
+    return Placement(
+        gpus=tuple(chosen),
+        tensor_split=proportions if len(chosen) > 1 else None,
+        fits=total >= need_bytes,
+        reason=why,
+    )
+
+
+def metric_labels(gpu: GpuInfo) -> dict[str, str]:
+    """Labels for a per-device metric series: the stable id, never the index."""
+    return {"device": gpu.stable_id or gpu.device_id, "name": gpu.name}
+
+
+# ---------------------------------------------------------------- snapshots
+
+SNAPSHOT_FORMAT = "rocmux-sysfs-snapshot"
+SNAPSHOT_VERSION = 1
+
+
+@contextlib.contextmanager
+def recording(root: Path | None = None) -> Iterator[_Recorder]:
+    """Record every file detection reads under ``root`` while the block runs."""
+    recorder = _Recorder(root=_root(root))
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+def take_snapshot(root: Path | None = None) -> dict[str, Any]:
+    """Detect the GPUs and the CPU under ``root`` and return what was read, as the
+    JSON-ready document ``rocmux devices --snapshot`` writes (``load_snapshot`` turns
+    it back into a tree). SMI tools and NVML are not asked: only files are recorded."""
+    root = _root(root)
+    with recording(root) as recorder:
+        gpus = amd_gpus(root)
+        cpu = cpu_info(root)
+    from rocmux import __version__
+
+    return {
+        "format": SNAPSHOT_FORMAT,
+        "version": SNAPSHOT_VERSION,
+        "rocmux": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "root": str(root),
+        "files": dict(sorted(recorder.files.items())),
+        "links": dict(sorted(recorder.links.items())),
+        "render_nodes": dict(sorted(recorder.render_nodes.items())),
+        "detected": {
+            "gpus": [gpu_to_dict(g) for g in gpus],
+            "cpu": {"name": cpu.name, "memory_total": cpu.memory_total},
+        },
+    }
+
+
+def _safe_rel(rel: object) -> Path:
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"bad path in snapshot: {rel!r}")
+    path = Path(rel)
+    if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
+        raise ValueError(f"path outside the snapshot root: {rel!r}")
+    return path
+
+
+def load_snapshot(source: Path | Mapping[str, Any], dest: Path) -> Path:
+    """Write a snapshot (a file or its parsed document) out as a tree under ``dest``
+    and return ``dest``, ready for ``ROCMUX_SYSFS_ROOT`` or a test's ``root``."""
+    doc = (
+        json.loads(Path(source).read_text(encoding="utf-8")) if isinstance(source, Path) else source
+    )
+    if not isinstance(doc, Mapping) or doc.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"not a {SNAPSHOT_FORMAT} document")
+    if doc.get("version") != SNAPSHOT_VERSION:
+        raise ValueError(f"snapshot version {doc.get('version')!r} is not {SNAPSHOT_VERSION}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel, target in dict(doc.get("links", {})).items():
+        link, where = dest / _safe_rel(rel), dest / _safe_rel(target)
+        where.mkdir(parents=True, exist_ok=True)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(where, link.parent), target_is_directory=True)
+    for rel, text in dict(doc.get("files", {})).items():
+        if not isinstance(text, str):
+            raise ValueError(f"bad content for {rel!r} in snapshot")
+        path = dest / _safe_rel(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    nodes = dict(doc.get("render_nodes", {}))
+    if nodes:
+        # A render node the runtime could open becomes a plain file here (readable and
+        # writable), one it could not is absent: _render_node_usable decides the same.
+        dri = dest / "dev/dri"
+        dri.mkdir(parents=True, exist_ok=True)
+        for minor, usable in nodes.items():
+            if usable and str(minor).isdigit():
+                (dri / f"renderD{minor}").touch()
+    return dest
+
+
+def write_snapshot(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """``take_snapshot`` written to ``path`` as JSON; returns the document."""
+    doc = take_snapshot(root)
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return doc
 
 
 # ---------------------------------------------------------------- `rocmux devices`
 
 DEVICE_COLUMNS = (
-    "ID",
+    "Device",
+    "Index",
     "Name",
     "Arch",
     "Type",
@@ -807,25 +1479,53 @@ DEVICE_COLUMNS = (
     "Mem total",
     "Busy",
     "CUs",
-    "PCI bus",
     "Unique id",
+    "Use",
 )
+# Dropped on a terminal narrower than 120 columns.
+NARROW_DROPPED = ("Busy", "CUs", "Unique id")
 
 
 def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / (1 << 30):.1f} GiB"
 
 
+def configured_targets() -> tuple[frozenset[str], bool]:
+    """ROCm's supported targets plus ``[devices] extra_targets``, and
+    ``[devices] keep_integrated``, from the configuration in use (defaults when it
+    cannot be read)."""
+    from rocmux.config import load_config
+
+    try:
+        settings = load_config().devices
+    except ConfigError:
+        return ROCM_SUPPORTED_TARGETS, False
+    return ROCM_SUPPORTED_TARGETS | set(settings.extra_targets), settings.keep_integrated
+
+
+def default_selection(gpus: Sequence[GpuInfo], env: Mapping[str, str] | None = None) -> Selection:
+    """What a HIP runtime gets when nothing is pinned, with the configured targets."""
+    targets, keep = configured_targets()
+    return select_gpus(gpus, runtime="hip", rocm_targets=targets, keep_integrated=keep, env=env)
+
+
 def devices_table_rows(
-    gpus: Sequence[GpuInfo], cpu: GpuInfo | None = None
+    gpus: Sequence[GpuInfo], cpu: GpuInfo | None = None, selection: Selection | None = None
 ) -> list[tuple[str, ...]]:
-    """One row of ``DEVICE_COLUMNS`` per device, CPU last."""
+    """One row of ``DEVICE_COLUMNS`` per device, CPU last. ``Use`` says whether a HIP
+    runtime gets the GPU by default (``selection``); the reasons are printed below."""
     rows = []
     for dev in [*gpus, *([cpu] if cpu is not None else [])]:
         kind = "cpu" if dev.vendor == "cpu" else "integrated" if dev.integrated else "discrete"
+        use = "-"
+        if dev.vendor == "amd" and selection is not None:
+            use = "yes" if dev in selection.gpus else "no"
+        elif dev.vendor == "nvidia":
+            use = "yes" if dev.index is not None else "no"
         rows.append(
             (
-                dev.device_id,
+                dev.stable_id or "CPU",
+                "-" if dev.vendor == "cpu" or dev.index is None else dev.device_id,
                 dev.name,
                 dev.gfx_target or "-",
                 kind,
@@ -834,58 +1534,85 @@ def devices_table_rows(
                 _gib(dev.memory_total),
                 "-" if dev.busy_percent is None else f"{dev.busy_percent}%",
                 "-" if dev.compute_units is None else str(dev.compute_units),
-                dev.pci_bus or "-",
                 dev.unique_id or "-",
+                use,
             )
         )
     return rows
 
 
 def gpu_to_dict(gpu: GpuInfo) -> dict[str, Any]:
-    """A JSON-ready dict of every field, plus the runtime-style ``id``."""
-    return {"id": gpu.device_id, **attrs.asdict(gpu)}
+    """A JSON-ready dict of every field, plus ``stable_id`` and the runtime-style ``id``."""
+    return {"id": gpu.device_id, "stable_id": gpu.stable_id, **attrs.asdict(gpu)}
 
 
 def to_json(
-    gpus: Sequence[GpuInfo], cpu: GpuInfo | None = None, env: Mapping[str, str] = os.environ
+    gpus: Sequence[GpuInfo],
+    cpu: GpuInfo | None = None,
+    env: Mapping[str, str] | None = None,
+    selection: Selection | None = None,
 ) -> str:
     """The ``rocmux devices --json`` document."""
+    selection = selection or select_gpus(gpus, runtime="hip", env=env)
+    entries = []
+    for gpu in gpus:
+        entry = gpu_to_dict(gpu)
+        if gpu.vendor == "amd":
+            entry["used"] = gpu in selection.gpus
+            entry["left_out"] = selection.reason_for(gpu)
+        entries.append(entry)
     return json.dumps(
         {
-            "gpus": [gpu_to_dict(g) for g in gpus],
+            "gpus": entries,
             "cpu": gpu_to_dict(cpu) if cpu is not None else None,
-            "hip_visible_devices": default_visible_devices(gpus, env),
+            "hip_visible_devices": selection.env.get("HIP_VISIBLE_DEVICES"),
+            "notes": list(selection.notes),
         },
         indent=2,
     )
 
 
-def run_devices_command(as_json: bool) -> int:
-    """``rocmux devices``: a table of the devices with live memory use, or JSON."""
+def run_devices_command(as_json: bool, snapshot: Path | None = None) -> int:
+    """``rocmux devices``: a table of the devices with live memory use, or JSON;
+    ``snapshot`` also writes the files detection read (``write_snapshot``)."""
+    import sys
+
+    if snapshot is not None:
+        doc = write_snapshot(snapshot)
+        print(
+            f"Recorded {len(doc['files'])} files from {doc['root']} in {snapshot}; "
+            "load it with ROCMUX_SYSFS_ROOT=" + str(snapshot),
+            file=sys.stderr,
+        )
     gpus = detect_gpus()
     cpu = cpu_info()
+    selection = default_selection(gpus)
     if as_json:
-        print(to_json(gpus, cpu))
+        print(to_json(gpus, cpu, selection=selection))
         return 0
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = Console()
-    # A narrow terminal keeps the columns needed to pick a device and watch its memory.
-    narrow = ("CUs", "PCI bus", "Unique id")
-    keep = [i for i, c in enumerate(DEVICE_COLUMNS) if console.width >= 120 or c not in narrow]
+    keep = [
+        i for i, c in enumerate(DEVICE_COLUMNS) if console.width >= 120 or c not in NARROW_DROPPED
+    ]
     table = Table(show_edge=False)
     for i in keep:
         column = DEVICE_COLUMNS[i]
         right = column.startswith(("Mem", "Busy", "CUs"))
         table.add_column(column, justify="right" if right else "left", no_wrap=column != "Name")
-    for row in devices_table_rows(gpus, cpu):
+    for row in devices_table_rows(gpus, cpu, selection):
         table.add_row(*(Text(row[i]) for i in keep))  # Text: names are not markup
     console.print(table)
     if not gpus:
         console.print("No GPU found (no KFD topology, no NVML); runtimes will use the CPU.")
-    visible = default_visible_devices(gpus)
+    for gpu, why in selection.left_out:
+        console.print(Text(f"{gpu.stable_id} left out: {why}"))
+    for note in selection.notes:
+        console.print(Text(note))
+    visible = selection.env.get("HIP_VISIBLE_DEVICES")
     if visible is not None:
-        console.print(Text(f"Integrated GPU left out by default: HIP_VISIBLE_DEVICES={visible}"))
+        console.print(Text(f"HIP runtimes get HIP_VISIBLE_DEVICES={visible} by default"))
     return 0
