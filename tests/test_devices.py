@@ -985,3 +985,225 @@ def test_extra_targets_reach_the_default_selection(tmp_path, monkeypatch):
     selection = devices.default_selection(devices.amd_gpus(RX), env={})
     assert len(selection.gpus) == 2 and selection.env == {}
     monkeypatch.setattr(rocmux_config, "_cached", None)
+
+
+# ------------------------------------------------------------------ runtime launches
+
+HELP = DATA / "llama_server_help.txt"
+
+
+def fake_llama_server(folder: Path, devices_text: str, library: bytes | None = None) -> Path:
+    """A stand-in llama-server that answers --version, --list-devices and --help, with
+    an optional libggml-hip.so beside it holding ``library`` (offload bundle ids)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    server = folder / "llama-server"
+    server.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        '  --version) echo "version: 9999 (fake)";;\n'
+        f"  --list-devices) printf '%s\\n' 'Available devices:' {devices_text};;\n"
+        f'  --help) cat "{HELP}";;\n'
+        "esac\n"
+    )
+    server.chmod(0o755)
+    if library is not None:
+        (folder / "libggml-hip.so").write_bytes(b"\x7fELF" + b"\0" * 64 + library)
+    return server
+
+
+# `llama-server --list-devices` lines, as shell words for the stand-in's printf.
+ROCM_LIST = (
+    "'  ROCm0: AMD Radeon RX 7800 XT (16368 MiB, 15088 MiB free)' "
+    "'  ROCm1: AMD Radeon 780M (512 MiB, 444 MiB free)'"
+)
+MI_LIST = (
+    "'  ROCm0: AMD Instinct MI300X (196592 MiB, 147130 MiB free)' "
+    "'  ROCm1: AMD Instinct MI300X (196592 MiB, 196306 MiB free)'"
+)
+
+
+@pytest.fixture
+def launch_env(tmp_path, monkeypatch):
+    """A clean environment for building llama-server launches: no visibility variable,
+    an empty rocmux.toml, and a tiny model."""
+    from gguf_factory import write_tiny_llama
+    from rocmux import config as rocmux_config
+
+    for name in (
+        *devices.VISIBILITY_VARIABLES,
+        "HSA_OVERRIDE_GFX_VERSION",
+        "ROCM_LLAMA_SERVER_PATH",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    toml = tmp_path / "rocmux.toml"
+    toml.write_text("")
+    monkeypatch.setenv("ROCMUX_CONFIG", str(toml))
+    monkeypatch.setattr(rocmux_config, "_cached", None)
+    model = write_tiny_llama(tmp_path / "tiny.gguf")
+
+    def prepare(
+        tree: Path,
+        server: Path,
+        config: object = None,
+        toml_text: str = "",
+        env: dict[str, str] | None = None,
+    ):
+        import anyio
+        from rocmux.types import LoadConfig
+        from rocmux_llamacpp_hip.backend import LlamaCppBackend
+
+        toml.write_text(toml_text)
+        monkeypatch.setattr(rocmux_config, "_cached", None)
+        monkeypatch.setenv("ROCMUX_SYSFS_ROOT", str(tree))
+        monkeypatch.setenv("ROCMUX_LLAMA_SERVER", str(server))
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        backend = LlamaCppBackend()
+        launch, notes = anyio.run(backend.prepare, model, config or LoadConfig())
+        child = {**os.environ, **launch.env}  # what the supervisor gives the process
+        return launch, notes, child
+
+    return prepare
+
+
+def visibility_vars(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k in devices.VISIBILITY_VARIABLES}
+
+
+def test_launch_leaves_the_igpu_out_with_one_variable(launch_env, tmp_path):
+    server = fake_llama_server(tmp_path / "bin", ROCM_LIST)
+    launch, notes, child = launch_env(RX, server)
+    assert launch.env == {"HIP_VISIBLE_DEVICES": "0"}
+    assert visibility_vars(child) == {"HIP_VISIBLE_DEVICES": "0"}  # never ROCR as well
+    assert any(RX_IGPU in n and "ROCm does not support gfx1103" in n for n in notes)
+    assert any("memory fit on 0000:03:00.0" in n for n in notes)
+
+
+def test_launch_pins_by_stable_id(launch_env, tmp_path):
+    from rocmux.types import LoadConfig
+
+    server = fake_llama_server(tmp_path / "bin", ROCM_LIST)
+    override = {"HSA_OVERRIDE_GFX_VERSION": "11.0.0"}
+    launch, _, child = launch_env(RX, server, LoadConfig(devices=[RX_IGPU]), env=override)
+    assert launch.env == {"HSA_OVERRIDE_GFX_VERSION": "11.0.0", "HIP_VISIBLE_DEVICES": "1"}
+    assert visibility_vars(child) == {"HIP_VISIBLE_DEVICES": "1"}
+    # Without the override the iGPU's target is refused before anything starts.
+    with pytest.raises(ConfigError, match="ROCm does not support gfx1103"):
+        launch_env(RX, server, LoadConfig(devices=[RX_IGPU]), env={"HSA_OVERRIDE_GFX_VERSION": ""})
+
+
+def test_launch_warns_about_an_index_pin(launch_env, tmp_path):
+    from rocmux.types import LoadConfig
+
+    server = fake_llama_server(tmp_path / "bin", ROCM_LIST)
+    launch, notes, _ = launch_env(RX, server, LoadConfig(devices=["0"]))
+    assert launch.env == {"HIP_VISIBLE_DEVICES": "0"}
+    assert any("'0' is an enumeration index" in n and f'"{RX_DGPU}"' in n for n in notes)
+
+
+def test_launch_respects_the_users_rocr_visible_devices(launch_env, tmp_path):
+    from rocmux.types import LoadConfig
+
+    server = fake_llama_server(tmp_path / "bin", ROCM_LIST)
+    user = {"ROCR_VISIBLE_DEVICES": "GPU-8c3f1b6e2a9d4057"}
+    launch, notes, child = launch_env(RX, server, LoadConfig(devices=[RX_DGPU]), env=user)
+    assert visibility_vars(launch.env) == {}
+    assert visibility_vars(child) == user  # exactly one variable: the user's
+    assert any("compose" in n for n in notes)
+    with pytest.raises(ConfigError, match="ROCR_VISIBLE_DEVICES=GPU-8c3f1b6e2a9d4057"):
+        launch_env(RX, server, LoadConfig(devices=[RX_IGPU]), env=user)
+
+
+def test_launch_places_on_the_mi300x_with_the_most_free_memory(launch_env, tmp_path):
+    server = fake_llama_server(tmp_path / "bin", MI_LIST)
+    launch, notes, _ = launch_env(MI, server)
+    assert launch.env == {"HIP_VISIBLE_DEVICES": "1"}
+    assert "--tensor-split" not in launch.argv
+    assert any(MI_1 in n and "most free memory" in n for n in notes)
+
+
+def test_launch_splits_when_asked(launch_env, tmp_path):
+    from rocmux.types import LoadConfig
+
+    server = fake_llama_server(tmp_path / "bin", MI_LIST)
+    gpus = devices.amd_gpus(MI)
+    split = f"{gpus[0].memory_free >> 20},{gpus[1].memory_free >> 20}"
+    launch, _, _ = launch_env(MI, server, toml_text="[backends.llamacpp_hip]\nsplit = true\n")
+    assert visibility_vars(launch.env) == {}  # both GPUs: nothing to hide
+    assert launch.argv[launch.argv.index("--tensor-split") + 1] == split
+    # Pinning two GPUs splits over them too; the user's own --tensor-split wins.
+    config = LoadConfig(devices=[MI_0, MI_1], extra_flags=["--tensor-split", "1,3"])
+    launch, _, _ = launch_env(MI, server, config)
+    assert launch.argv.count("--tensor-split") == 1
+    assert launch.argv[launch.argv.index("--tensor-split") + 1] == "1,3"
+    # --split-mode none in the extra flags means one GPU, whatever the option says.
+    config = LoadConfig(extra_flags=["--split-mode", "none"])
+    launch, _, _ = launch_env(
+        MI, server, config, toml_text="[backends.llamacpp_hip]\nsplit = true\n"
+    )
+    assert launch.env == {"HIP_VISIBLE_DEVICES": "1"}
+
+
+def test_launch_skips_gpus_the_build_lacks(launch_env, tmp_path):
+    gfx1100_only = b"__CLANG_OFFLOAD_BUNDLE__\0\0hipv4-amdgcn-amd-amdhsa--gfx1100\0"
+    server = fake_llama_server(tmp_path / "bin", ROCM_LIST, library=gfx1100_only)
+    launch, notes, child = launch_env(RX, server)
+    # Neither gfx1101 nor gfx1103 is in the build: the model stays on the CPU instead of
+    # failing at the first kernel with "invalid device function".
+    assert launch.argv[launch.argv.index("--device") + 1] == "none"
+    assert launch.argv[launch.argv.index("--n-gpu-layers") + 1] == "0"
+    assert visibility_vars(child) == {}
+    assert any("build targets gfx1100 (from code objects in" in n for n in notes)
+    assert any("not built for gfx1101 (built for gfx1100)" in n for n in notes)
+
+    generic = b"hipv4-amdgcn-amd-amdhsa--gfx11-generic\0hipv4-amdgcn-amd-amdhsa--gfx1100\0"
+    server = fake_llama_server(tmp_path / "bin2", ROCM_LIST, library=generic)
+    launch, _, _ = launch_env(RX, server)
+    assert launch.env == {"HIP_VISIBLE_DEVICES": "0"} and "--device" not in launch.argv
+
+
+def test_build_targets_sources(tmp_path):
+    from rocmux_llamacpp_hip.placement import build_targets
+
+    build = tmp_path / "build"
+    server = fake_llama_server(build / "bin", ROCM_LIST)
+    assert build_targets(server).targets is None
+    (build / "CMakeCache.txt").write_text(
+        "CMAKE_BUILD_TYPE:STRING=Release\nAMDGPU_TARGETS:STRING=gfx1100;gfx1101\n"
+    )
+    found = build_targets(server)
+    assert found.targets == {"gfx1100", "gfx1101"} and found.source.endswith("CMakeCache.txt")
+    assert build_targets(server, ["gfx942"]).targets == {"gfx942"}
+    with pytest.raises(ConfigError):
+        build_targets(server, "gfx942")
+
+
+def test_cpu_build_refuses_a_pin(launch_env, tmp_path):
+    from rocmux.types import LoadConfig
+
+    server = fake_llama_server(tmp_path / "bin", "")
+    with pytest.raises(ConfigError, match="cpu build"):
+        launch_env(RX, server, LoadConfig(devices=[RX_DGPU]))
+    launch, _, child = launch_env(RX, server)
+    assert visibility_vars(child) == {}
+
+
+def test_vllm_visibility_by_stable_id():
+    from rocmux_vllm_rocm.args import visibility
+
+    gpus = devices.amd_gpus(RX)
+    env, notes = visibility((), gpus, env={})
+    # One filter under the two names HIP reads; vLLM requires them equal.
+    assert env == {"HIP_VISIBLE_DEVICES": "0", "CUDA_VISIBLE_DEVICES": "0"}
+    assert any(RX_IGPU in n for n in notes)
+    assert visibility([RX_DGPU], gpus, env={})[0]["HIP_VISIBLE_DEVICES"] == "0"
+    user = {"ROCR_VISIBLE_DEVICES": "0"}
+    assert visibility([RX_DGPU], gpus, env=user)[0] == {}
+    with pytest.raises(ConfigError):
+        visibility([RX_IGPU], gpus, env=user)
+    mi = devices.amd_gpus(MI)
+    assert visibility([MI_0, MI_1], mi, env={})[0] == {}  # both: nothing to hide
+    with pytest.raises(ConfigError, match="no usable GPU"):
+        visibility(["0000:99:00.0"], mi, env={})
+    with pytest.raises(ConfigError, match="detects no AMD GPU"):
+        visibility([MI_0], [], env={})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -21,13 +22,17 @@ from rocmux.types import Availability, LoadConfig
 
 from rocmux_llamacpp_hip.binary import BuildInfo, flags_of, locate, probe
 from rocmux_llamacpp_hip.flags import base_flags, merge_extra
+from rocmux_llamacpp_hip.placement import device_need, plan_devices
 
 # llama-server logs this once the model is loaded and the socket is open.
 READY_LINE = re.compile(r"listening on http")
 
 PRIORITY = {"hip": 100, "cuda": 80, "metal": 80, "vulkan": 60, "cpu": 10}
 VISIBLE_DEVICES_VAR = {"hip": "HIP_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
-PASS_THROUGH = ("HSA_OVERRIDE_GFX_VERSION", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+# The child inherits rocmux's environment (the supervisor starts it with os.environ
+# plus Launch.env), so nothing needs copying; this one is named in Launch.env only so
+# the launch shows it.
+PASS_THROUGH = ("HSA_OVERRIDE_GFX_VERSION",)
 
 
 def describe(info: BuildInfo, path: Path, source: str) -> Availability:
@@ -52,40 +57,57 @@ def describe(info: BuildInfo, path: Path, source: str) -> Availability:
 
 
 def device_env(kind: str, devices: tuple[str, ...]) -> dict[str, str]:
-    """Environment that limits the runtime to ``devices`` (indices or names like ROCm1)."""
+    """Environment for ``devices`` given as runtime indices (``1``, ``ROCm1``), without
+    detection: ``plan_devices`` does this with stable ids. Adds no visibility variable
+    when the user's environment has one (two would compose and renumber)."""
+    from rocmux.devices import VISIBILITY_VARIABLES
+
     env = {var: os.environ[var] for var in PASS_THROUGH if var in os.environ}
-    if devices:
+    if devices and not any(os.environ.get(v) is not None for v in VISIBILITY_VARIABLES):
         indices = [re.sub(r"^[A-Za-z]+", "", d) for d in devices]
         env[VISIBLE_DEVICES_VAR.get(kind, "HIP_VISIBLE_DEVICES")] = ",".join(indices)
     return env
 
 
 def igpu_exclusion() -> dict[str, str]:
-    """``HIP_VISIBLE_DEVICES`` leaving integrated GPUs out when a discrete one is present
-    (rocmux.devices decides, and stands aside when the user set a visibility variable)."""
-    from rocmux.devices import default_visible_devices, detect_gpus
+    """``HIP_VISIBLE_DEVICES`` leaving integrated GPUs (and GPUs ROCm does not support)
+    out when a discrete one is present; ``{}`` when the user set a visibility variable
+    (``rocmux.devices.default_selection`` decides)."""
+    from rocmux.devices import default_selection, detect_gpus
 
-    value = default_visible_devices(detect_gpus(smi=False))
-    return {"HIP_VISIBLE_DEVICES": value} if value is not None else {}
+    return dict(default_selection(detect_gpus(smi=False)).env)
 
 
-def choose_settings(model: Path, config: LoadConfig, info: BuildInfo) -> tuple[LoadConfig, str]:
+def choose_settings(
+    model: Path,
+    config: LoadConfig,
+    info: BuildInfo,
+    *,
+    gpu_free: int | None = None,
+    where: str | None = None,
+    cpu_only: bool = False,
+) -> tuple[LoadConfig, str]:
     """Fill the context length and GPU layers the user left open, from the memory fit.
 
-    The free memory is the build's first device's (as llama-server reports it), or the
-    host's available memory for a CPU build.
+    The free memory is ``gpu_free`` (the GPUs the model was placed on, ``where``), else
+    the build's first device's as llama-server reports it, or the host's available
+    memory for a CPU build or when no GPU is left (``cpu_only``).
     """
     from rocmux.devices import cpu_info
     from rocmux.inventory import ModelInfo
     from rocmux.memory import fit
 
-    if config.context_len is not None and (config.gpu_layers is not None or info.kind == "cpu"):
+    on_cpu = info.kind == "cpu" or cpu_only
+    if config.context_len is not None and (config.gpu_layers is not None or on_cpu):
         return config, "settings given by the user"
     model_info = ModelInfo.from_gguf(model)
     gpu = next((d for d in info.devices if d.memory_free is not None), None)
-    if info.kind != "cpu" and gpu is not None:
+    if not on_cpu and gpu_free is not None:
+        result = fit(model_info, gpu_free, requested=config)
+        where = f"{where} ({gpu_free / 2**30:.1f} GiB free)"
+    elif not on_cpu and gpu is not None:
         result = fit(model_info, int(gpu.memory_free or 0), requested=config)
-        where = f"{gpu.id} ({gpu.memory_free / 2**30:.1f} GiB free)"
+        where = f"{gpu.id} ({(gpu.memory_free or 0) / 2**30:.1f} GiB free)"
     else:
         result = fit(model_info, cpu_info(), requested=config)
         where = "host memory"
@@ -117,7 +139,9 @@ class LlamaCppBackend(Backend):
         self._info = info
         return describe(info, located.path, located.source)
 
-    async def load(self, model: Path, config: LoadConfig) -> ServedModel:
+    async def prepare(self, model: Path, config: LoadConfig) -> tuple[Launch, list[str]]:
+        """The launch of ``model`` (argv, and the environment rocmux adds to its own)
+        and notes on the choices made: GPUs, placement, memory fit."""
         model = check_gguf(model)
         located = await anyio.to_thread.run_sync(locate, self._configured_path())
         known = await anyio.to_thread.run_sync(flags_of, located.path)
@@ -125,31 +149,61 @@ class LlamaCppBackend(Backend):
         merge_extra(base_flags(model, config), config.extra_flags, known)
         if self._info is None:
             self._info = await anyio.to_thread.run_sync(probe, located.path)
+        info = self._info
+        options = load_config().backend_options(self.name)
+        plan = await anyio.to_thread.run_sync(
+            functools.partial(
+                plan_devices,
+                info.kind,
+                config,
+                server=located.path,
+                known=known,
+                options=options,
+                need=functools.partial(device_need, model, config),
+            )
+        )
+        if plan.cpu_only and config.gpu_layers is None:
+            config = attrs.evolve(config, gpu_layers=0)
         config, fit_reason = await anyio.to_thread.run_sync(
-            choose_settings, model, config, self._info
+            functools.partial(
+                choose_settings,
+                model,
+                config,
+                info,
+                gpu_free=plan.free,
+                where=plan.where,
+                cpu_only=plan.cpu_only,
+            )
         )
         argv = [
             str(located.path),
-            *merge_extra(base_flags(model, config), config.extra_flags, known),
+            *merge_extra([*base_flags(model, config), *plan.flags], config.extra_flags, known),
         ]
-        env = device_env(self._info.kind, config.devices)
-        if self._info.kind == "hip" and not config.devices:
-            env.update(await anyio.to_thread.run_sync(igpu_exclusion))
+        env = {var: os.environ[var] for var in PASS_THROUGH if var in os.environ}
+        env.update(plan.env)
+        launch = Launch(backend=self.name, argv=argv, env=env, ready_pattern=READY_LINE)
+        return launch, [*plan.notes, fit_reason]
+
+    async def load(self, model: Path, config: LoadConfig) -> ServedModel:
+        launch, notes = await self.prepare(model, config)
         plugins = self.plugins or get_plugin_manager()
 
         def make_launch() -> Launch:
             return Launch(
-                backend=self.name, argv=list(argv), env=dict(env), ready_pattern=READY_LINE
+                backend=self.name,
+                argv=list(launch.argv),
+                env=dict(launch.env),
+                ready_pattern=READY_LINE,
             )
 
         served = ServedModel(
             backend=self.name,
-            model_path=model,
+            model_path=check_gguf(model),
             make_launch=make_launch,
             plugins=plugins,
             startup_timeout=self.startup_timeout,
             request_defaults={"stream_options": {"include_usage": True}},
         )
-        served.notes.append(fit_reason)
+        served.notes.extend(notes)
         await served.start()
         return served

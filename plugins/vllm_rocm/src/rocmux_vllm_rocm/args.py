@@ -7,14 +7,18 @@ https://github.com/vllm-project/vllm); ``vllm serve --help=all`` lists them.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from rocmux.errors import ConfigError, InvalidFlag
 from rocmux.launch import HOST, PORT
 from rocmux.types import LoadConfig
+
+if TYPE_CHECKING:
+    from rocmux.devices import GpuInfo
 
 NAME = "vllm_rocm"
 
@@ -103,8 +107,8 @@ def gpu_indices(devices: Sequence[str]) -> list[str]:
         match = re.fullmatch(r"(?:rocm|hip|gpu)?(\d+)", device.strip(), re.IGNORECASE)
         if match is None:
             raise ConfigError(
-                f"the {NAME} backend takes GPU indices in devices (0, 1 or ROCm0, as "
-                f"`rocmux devices` lists them), got {device!r}"
+                f"the {NAME} backend takes GPUs by PCI address or unique id (or, "
+                f"discouraged, index), as `rocmux devices` lists them; got {device!r}"
             )
         indices.append(str(int(match[1])))
     if len(set(indices)) != len(indices):
@@ -112,15 +116,79 @@ def gpu_indices(devices: Sequence[str]) -> list[str]:
     return indices
 
 
-def device_env(devices: Sequence[str]) -> dict[str, str]:
-    """Environment that gives vLLM exactly ``devices``; empty when none were chosen."""
-    indices = gpu_indices(devices)
-    if not indices:
-        return {}
-    value = ",".join(indices)
-    # vLLM's ROCm platform asserts that CUDA_VISIBLE_DEVICES equals HIP_VISIBLE_DEVICES
-    # when both are set (vllm/platforms/rocm.py), and a shell may carry a stale one.
-    return {"HIP_VISIBLE_DEVICES": value, "CUDA_VISIBLE_DEVICES": value}
+def _check_refs(devices: Sequence[str]) -> None:
+    from rocmux.devices import is_index_ref, normalize_pci_bus
+
+    for device in devices:
+        text = device.strip()
+        stable = normalize_pci_bus(text) is not None or re.fullmatch(r"GPU-[0-9a-fA-F-]+", text)
+        if (not stable and not is_index_ref(text)) or text.lower().startswith("cuda"):
+            gpu_indices([device])  # raises with the message naming the accepted forms
+
+
+def visibility(
+    devices: Sequence[str],
+    gpus: Sequence[GpuInfo] | None = None,
+    env: Mapping[str, str] | None = None,
+    keep_integrated: bool = False,
+) -> tuple[dict[str, str], list[str]]:
+    """The environment that gives vLLM exactly ``devices`` (stable ids, as ``rocmux
+    devices`` lists them), or when none are pinned the GPUs ``rocmux.devices`` picks by
+    default (integrated ones left out beside a discrete one), and notes.
+
+    One filter, HIP's: the value goes into HIP_VISIBLE_DEVICES and, identically, into
+    CUDA_VISIBLE_DEVICES, which HIP reads as another name for it (HIP environment
+    variables: https://rocm.docs.amd.com/projects/HIP/en/latest/reference/env_variables.html)
+    and which vLLM's ROCm platform asserts equal to it (vllm/platforms/rocm.py), so a
+    stale one in the shell cannot break the start. Never ROCR_VISIBLE_DEVICES; and
+    nothing at all when the user's environment already has a visibility variable, which
+    then has to agree with ``devices``. ``gpus`` are the detected ones; without them
+    only indices can be passed on, unchecked.
+    """
+    from rocmux.devices import VISIBILITY_VARIABLES, is_index_ref, select_gpus
+
+    env = os.environ if env is None else env
+    _check_refs(devices)
+    usable = [g for g in gpus or () if g.vendor == "amd" and g.index is not None]
+    if not usable:
+        if not devices:
+            return {}, []
+        stable = [d for d in devices if not is_index_ref(d)]
+        if stable:
+            raise ConfigError(
+                f"devices pins {', '.join(stable)}, but rocmux detects no AMD GPU here to "
+                "match them against"
+            )
+        indices = gpu_indices(devices)
+        notes = [f"no AMD GPU detected to check devices {list(devices)} against"]
+        if any(env.get(v) is not None for v in VISIBILITY_VARIABLES):
+            return {}, [*notes, "a visibility variable is set in the environment: none added"]
+        value = ",".join(indices)
+        return {"HIP_VISIBLE_DEVICES": value, "CUDA_VISIBLE_DEVICES": value}, notes
+    # vLLM's own PyTorch decides which gfx targets it runs on: no target check here.
+    selection = select_gpus(
+        usable,
+        runtime="hip",
+        pinned=devices,
+        build_targets=None,
+        rocm_targets=None,
+        keep_integrated=keep_integrated,
+        env=env,
+    )
+    notes = [*selection.notes, *(f"{g.stable_id} left out: {why}" for g, why in selection.left_out)]
+    value = selection.env.get("HIP_VISIBLE_DEVICES")
+    if value is None:
+        return {}, notes
+    return {"HIP_VISIBLE_DEVICES": value, "CUDA_VISIBLE_DEVICES": value}, notes
+
+
+def device_env(
+    devices: Sequence[str],
+    gpus: Sequence[GpuInfo] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of ``visibility`` without its notes."""
+    return visibility(devices, gpus, env)[0]
 
 
 def tensor_parallel_size(config: LoadConfig, options: VllmOptions) -> int | None:

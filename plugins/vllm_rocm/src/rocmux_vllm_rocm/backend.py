@@ -12,7 +12,7 @@ import anyio
 import attrs
 from rocmux.backend import Backend
 from rocmux.config import load_config
-from rocmux.devices import GpuInfo
+from rocmux.devices import GpuInfo, configured_targets
 from rocmux.errors import BinaryNotFound, InvalidModel, ModelNotFound
 from rocmux.launch import Launch
 from rocmux.manager import PluginManager, get_plugin_manager
@@ -21,7 +21,7 @@ from rocmux.served import ServedModel
 from rocmux.types import Availability, LoadConfig, Token
 
 from rocmux_vllm_rocm import detect
-from rocmux_vllm_rocm.args import NAME, VllmOptions, device_env, serve_args
+from rocmux_vllm_rocm.args import NAME, VllmOptions, serve_args, visibility
 
 # Uvicorn logs the first once the app is up (vLLM 0.6 and later pass it a bound socket,
 # so it no longer logs the second); either way /health decides.
@@ -120,7 +120,10 @@ class VllmBackend(Backend):
             )
         name = served_name(model, opts)
         argv = [*install.argv, *serve_args(str(model), config, opts, name, known)]
-        env = device_env(config.devices)
+        gpus = await anyio.to_thread.run_sync(detect.amd_gpus)
+        env, device_notes = visibility(
+            config.devices, gpus, keep_integrated=configured_targets()[1]
+        )
         plugins = self.plugins or get_plugin_manager()
 
         def make_launch() -> Launch:
@@ -137,5 +140,6 @@ class VllmBackend(Backend):
             # vLLM checks `model` against --served-model-name; usage comes only on request.
             request_defaults={"model": name, "stream_options": {"include_usage": True}},
         )
+        served.notes.extend(device_notes)
         await served.start()
         return served
