@@ -873,6 +873,30 @@ def test_place_breaks_ties_by_index_and_handles_no_gpu():
     assert empty.gpus == () and not empty.fits
 
 
+def test_place_model_selects_then_places(monkeypatch):
+    from rocmux import config as rocmux_config
+
+    monkeypatch.setattr(rocmux_config, "_cached", rocmux_config.Config())
+    mi = devices.amd_gpus(MI)
+    placement = devices.place_model(10 * GIB, gpus=mi, env={})
+    assert [g.stable_id for g in placement.gpus] == [MI_1]
+    assert len(devices.place_model(10 * GIB, gpus=mi, split=True, env={}).gpus) == 2
+    # The iGPU beside the RX 7800 XT is never a candidate, however much GTT it has.
+    rx = devices.amd_gpus(RX)
+    assert [g.stable_id for g in devices.place_model(GIB, gpus=rx, env={}).gpus] == [RX_DGPU]
+    both = devices.place_model(GIB, gpus=mi, pinned=[MI_0, MI_1], env={})
+    assert both.tensor_split is not None
+    monkeypatch.setattr(rocmux_config, "_cached", None)
+
+
+def test_runtime_ids_of_stable_ids():
+    gpus = devices.amd_gpus(MI)
+    assert devices.runtime_ids([MI_1], gpus) == ("ROCm1",)
+    assert devices.runtime_ids(["GPU-2f1c5a7be0943d61", MI_1], gpus) == ("ROCm0", "ROCm1")
+    with pytest.raises(ConfigError):
+        devices.runtime_ids(["0000:99:00.0"], gpus)
+
+
 def test_metric_labels_use_the_stable_id():
     gpu = devices.amd_gpus(MI)[1]
     assert devices.metric_labels(gpu) == {"device": MI_1, "name": "AMD Instinct MI300X"}

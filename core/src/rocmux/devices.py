@@ -1367,6 +1367,41 @@ def place(
     )
 
 
+def place_model(
+    need_bytes: int,
+    *,
+    pinned: Sequence[str] = (),
+    split: bool = False,
+    reserved: Mapping[str, int] | None = None,
+    gpus: Sequence[GpuInfo] | None = None,
+    runtime: Runtime = "hip",
+    env: Mapping[str, str] | None = None,
+) -> Placement:
+    """``select_gpus`` (ROCm's and the configured targets; the build's are the
+    plugin's to check) then ``place``: for code that plans loads before they start,
+    such as ``rocmux serve``'s pool. Pins its result with
+    ``devices = tuple(g.stable_id for g in placement.gpus)`` in the load settings."""
+    gpus = detect_gpus(smi=False) if gpus is None else gpus
+    targets, keep = configured_targets()
+    selection = select_gpus(
+        gpus,
+        runtime=runtime,
+        pinned=pinned,
+        rocm_targets=targets if runtime == "hip" else None,
+        keep_integrated=keep,
+        env=env,
+    )
+    return place(need_bytes, selection.gpus, split=split or len(pinned) > 1, reserved=reserved)
+
+
+def runtime_ids(refs: Sequence[str], gpus: Sequence[GpuInfo] | None = None) -> tuple[str, ...]:
+    """The runtime-style ids (``ROCm1``, what ``llama-server --list-devices`` prints with
+    no visibility variable set) of the GPUs ``refs`` name, for code keyed by those."""
+    gpus = detect_gpus(smi=False) if gpus is None else gpus
+    usable = [g for g in gpus if g.index is not None]
+    return tuple(g.device_id for g in resolve_devices(refs, usable)[0])
+
+
 def metric_labels(gpu: GpuInfo) -> dict[str, str]:
     """Labels for a per-device metric series: the stable id, never the index."""
     return {"device": gpu.stable_id or gpu.device_id, "name": gpu.name}
