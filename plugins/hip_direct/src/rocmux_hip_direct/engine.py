@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from rocmux.types import Token, Usage
 
+from rocmux_hip_direct.fast import FastPath
 from rocmux_hip_direct.kv_cache import PagedKVCache
 from rocmux_hip_direct.model import LlamaModel, SeqBatch
 from rocmux_hip_direct.sampling import SamplingParams, sample
@@ -60,6 +61,8 @@ class Engine:
             model.device,
         )
         self.scheduler = Scheduler(self.cache.allocator, max_seqs, max_batch_tokens, prefill_chunk)
+        # GPU: fused kernels and graph-captured decode steps (None on the CPU).
+        self.fast = FastPath.create(model, self.cache, n_ctx, max_seqs)
         self._ids = itertools.count(1)
         self._incoming: deque[Sequence] = deque()
         self._cancelled: deque[Sequence] = deque()
@@ -140,6 +143,16 @@ class Engine:
         return True
 
     def _run(self, chunks: list[ScheduledChunk]) -> None:
+        if self.fast is not None:
+            logits, sampled = self.fast.forward(chunks)
+        else:
+            logits, sampled = self._forward(chunks)
+        for chunk in chunks:
+            chunk.seq.n_cached += chunk.n
+        self._sample(logits, sampled)
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Logits of the chunks that complete (in order), through ``LlamaModel.forward``."""
         dev = self.model.device
         tokens: list[int] = []
         positions: list[int] = []
@@ -170,8 +183,9 @@ class Engine:
             self.cache.k,
             self.cache.v,
         )
-        for chunk in chunks:
-            chunk.seq.n_cached += chunk.n
+        return logits, sampled
+
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledChunk]) -> None:
         greedy = [
             i
             for i, c in enumerate(sampled)
@@ -239,6 +253,9 @@ class Engine:
 
     def release(self) -> None:
         """Drop the weights and the cache tensors; the engine cannot step afterwards."""
+        if self.fast is not None:
+            self.fast.release()
+            self.fast = None
         self.model.unload()
         self.cache.k = torch.empty(0)
         self.cache.v = torch.empty(0)

@@ -1,0 +1,539 @@
+"""The GPU fast path: fused kernels, paged decode attention and graph-captured decode.
+
+:class:`FastPath` runs the same llama-family forward pass as ``LlamaModel.forward``
+(``numerics="fast"``) with fewer, larger launches:
+
+* Q/K/V are one matrix product (the three weights concatenated once at load; the
+  model's own ``Linear`` weights become views of it, so no memory is added), as are
+  gate/up; SwiGLU, RMSNorm with the residual add, and RoPE with the KV-cache store are
+  each one kernel (:mod:`rocmux_hip_direct.fused`);
+* decode tokens attend through a split-K kernel that reads the KV cache through the
+  block table, so nothing is gathered; prompt chunks use PyTorch's fused attention;
+* a step whose chunks are all single tokens replays a CUDA/HIP graph captured for the
+  smallest batch bucket (1, 2, 4, … up to ``max_seqs``) that holds it, with every
+  per-step input (tokens, positions, slots, context lengths, the block table) in one
+  static int32 buffer filled by one host-to-device copy.
+
+Weights stay as the loader made them: dequantized once to the compute dtype (f16 on a
+GPU by default), so every batch size gets the vendor BLAS (cuBLAS / hipBLASLt).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rocmux_hip_direct.fused import add_rms_norm, paged_decode_attention, rope_store, swiglu
+
+if TYPE_CHECKING:
+    from rocmux_hip_direct.kv_cache import PagedKVCache
+    from rocmux_hip_direct.model import Linear, LlamaModel
+    from rocmux_hip_direct.scheduler import ScheduledChunk
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Columns of the packed per-step input buffer before the block table.
+TOKEN, POSITION, SLOT, CTX_LEN, N_FIXED = 0, 1, 2, 3, 4
+# Programs the split-K decode attention aims for (an H100 has 132 multiprocessors).
+ATTN_PROGRAMS = 256
+MAX_SPLIT = 16
+
+
+def decode_buckets(max_seqs: int, sizes: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """Batch sizes to capture: ``sizes`` below ``max_seqs``, and ``max_seqs`` itself."""
+    if max_seqs < 1:
+        raise ValueError("max_seqs must be positive")
+    return tuple(sorted({s for s in sizes if 0 < s < max_seqs} | {max_seqs}))
+
+
+def pick_bucket(n: int, buckets: Sequence[int]) -> int | None:
+    """The smallest bucket that holds ``n`` sequences; None when none does."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
+def split_count(batch: int, n_head_kv: int) -> int:
+    """Context slices per (sequence, kv head) for split-K decode attention.
+
+    Enough programs to fill the GPU when the batch is small; one slice once the batch
+    alone does. A power of two, at most ``MAX_SPLIT``.
+    """
+    want = max(1, ATTN_PROGRAMS // max(1, batch * n_head_kv))
+    return min(MAX_SPLIT, 1 << (want.bit_length() - 1))
+
+
+def pack_decode(
+    rows: Sequence[tuple[int, int, Sequence[int]]],
+    buf: np.ndarray,
+    bucket: int,
+    page_size: int,
+) -> None:
+    """Fill ``buf[:bucket]`` (int32, (max_bucket, N_FIXED + width)) for a decode step.
+
+    ``rows`` are (token, position, blocks) per sequence. Padding rows get slot -1 (the
+    KV store skips them) and context length 0 (attention gives them zeros). Block-table
+    columns past a sequence's blocks are left stale: its context length bounds them.
+    """
+    n = len(rows)
+    if n > bucket:
+        raise ValueError(f"{n} rows do not fit a bucket of {bucket}")
+    for i, (token, pos, blocks) in enumerate(rows):
+        buf[i, TOKEN] = token
+        buf[i, POSITION] = pos
+        buf[i, SLOT] = blocks[pos // page_size] * page_size + pos % page_size
+        buf[i, CTX_LEN] = pos + 1
+        buf[i, N_FIXED : N_FIXED + len(blocks)] = blocks
+    buf[n:bucket, :N_FIXED] = (0, 0, -1, 0)
+
+
+def unsupported_reason(model: LlamaModel) -> str | None:
+    """Why the fast path cannot run ``model``; None when it can."""
+    hp = model.hp
+
+    def pow2(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    if model.numerics != "fast":
+        return "numerics is not 'fast'"
+    if hp.head_dim_v != hp.head_dim:
+        return "key and value head sizes differ"
+    if not pow2(hp.head_dim) or not pow2(hp.rope_dims // 2):
+        return "head or RoPE size is not a power of two"
+    rest = hp.head_dim - hp.rope_dims
+    if rest and not pow2(rest):
+        return "the unrotated part of a head is not a power of two"
+    return None
+
+
+@attrs.define(eq=False)
+class _FusedLayer:
+    attn_norm: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    ffn_norm: torch.Tensor
+    wgu: torch.Tensor
+    wdown: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+
+def _fuse(linears: Sequence[Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for ``linears`` side by side; theirs become views of it."""
+    weight = torch.cat([lin.weight for lin in linears], dim=0)
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat(
+            [
+                lin.bias
+                if lin.bias is not None
+                else weight.new_zeros(lin.weight.shape[0], dtype=weight.dtype)
+                for lin in linears
+            ]
+        )
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = weight[start : start + n]
+        if bias is not None and lin.bias is not None:
+            lin.bias = bias[start : start + n]
+        start += n
+    return weight, bias
+
+
+@attrs.define(eq=False)
+class _Prefill:
+    """A prompt chunk of the eager path: rows ``start:start+n`` at positions ``pos0..``."""
+
+    start: int
+    n: int
+    pos0: int
+    ctx_slots: torch.Tensor | None  # slots of positions 0..pos0+n-1 when pos0 > 0
+
+
+class FastPath:
+    """Runs engine steps on a GPU (or, with the eager fallbacks, anywhere)."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        cache: PagedKVCache,
+        n_ctx: int,
+        max_seqs: int,
+        graphs: bool | None = None,
+    ) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the fast path cannot run this model: {reason}")
+        self.model = model
+        self.hp = model.hp
+        self.cache = cache
+        self.device = model.device
+        self.dtype = model.dtype
+        self.page = cache.allocator.block_size
+        self.width = -(-n_ctx // self.page)
+        self.rope = model.rope.float().contiguous()
+        self.layers = [
+            _FusedLayer(
+                attn_norm=layer.attn_norm,
+                wqkv=qkv[0],
+                bqkv=qkv[1],
+                wo=layer.wo.weight,
+                bo=layer.wo.bias,
+                ffn_norm=layer.ffn_norm,
+                wgu=_fuse([layer.w_gate, layer.w_up])[0],
+                wdown=layer.w_down.weight,
+                q_norm=layer.q_norm,
+                k_norm=layer.k_norm,
+            )
+            for layer in model.layers
+            for qkv in [_fuse([layer.wq, layer.wk, layer.wv])]
+        ]
+        self.buckets = decode_buckets(max_seqs)
+        self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        rows, cols = self.buckets[-1], N_FIXED + self.width
+        pin = self.device.type == "cuda"
+        self._host = torch.zeros(rows, cols, dtype=torch.int32, pin_memory=pin)
+        self._host_np = self._host.numpy()
+        self._dev = torch.zeros(rows, cols, dtype=torch.int32, device=self.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: object | None = None
+        self._copied: torch.cuda.Event | None = None
+        self.graph_steps = 0  # decode steps replayed from a graph
+        self.staged_steps = 0  # decode steps through the same inputs, run eagerly
+        self.eager_steps = 0  # steps with prompt chunks
+
+    @classmethod
+    def create(
+        cls, model: LlamaModel, cache: PagedKVCache, n_ctx: int, max_seqs: int
+    ) -> FastPath | None:
+        """A fast path for a GPU model, graphs captured; None where it does not apply.
+
+        ``ROCMUX_HIP_DIRECT_FAST=0`` turns it off; ``ROCMUX_HIP_DIRECT_GRAPHS=0`` keeps
+        the fused kernels but runs decode steps eagerly.
+        """
+        if model.device.type != "cuda" or os.environ.get("ROCMUX_HIP_DIRECT_FAST") == "0":
+            return None
+        if unsupported_reason(model) is not None:
+            return None
+        graphs = os.environ.get("ROCMUX_HIP_DIRECT_GRAPHS") != "0"
+        fast = cls(model, cache, n_ctx, max_seqs, graphs=graphs)
+        if graphs:
+            try:
+                fast.capture()
+            except RuntimeError as exc:  # a runtime without graph capture: run eagerly
+                log.warning("hip_direct: decode-graph capture failed (%s); running eagerly", exc)
+                fast._graphs.clear()
+                fast.use_graphs = False
+        return fast
+
+    def release(self) -> None:
+        """Drop the graphs and the fused weights."""
+        self._graphs.clear()
+        self._pool = None
+        self.layers = []
+
+    # -- the forward pass ---------------------------------------------------------------
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        scale = torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.hp.norm_eps)
+        return (xf * scale * weight.float()).to(x.dtype)
+
+    def _body(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attend: Callable[[int, torch.Tensor], torch.Tensor],
+        logit_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (float32) of ``logit_rows`` (all rows when None)."""
+        hp, dtype, eps = self.hp, self.dtype, self.hp.norm_eps
+        n_tok = tokens.shape[0]
+        dq, dk = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        neox = hp.rope_mode == "neox"
+        # float32 residual stream, as LlamaModel.forward keeps it
+        x = self.model.tok_embd[tokens].float()
+        delta: torch.Tensor | None = None
+        for il, layer in enumerate(self.layers):
+            h = add_rms_norm(x, delta, layer.attn_norm, eps, dtype)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            if layer.q_norm is not None:
+                q = qkv[:, :dq].view(n_tok, hp.n_head, hp.head_dim)
+                q.copy_(self._head_norm(q, layer.q_norm))
+            if layer.k_norm is not None:
+                k = qkv[:, dq : dq + dk].view(n_tok, hp.n_head_kv, hp.head_dim)
+                k.copy_(self._head_norm(k, layer.k_norm))
+            rope_store(
+                qkv,
+                positions,
+                slots,
+                self.rope,
+                self.cache.k[il],
+                self.cache.v[il],
+                hp.n_head,
+                hp.n_head_kv,
+                hp.head_dim,
+                hp.rope_dims,
+                neox,
+            )
+            attn = attend(il, qkv)
+            h = add_rms_norm(x, F.linear(attn, layer.wo, layer.bo), layer.ffn_norm, eps, dtype)
+            delta = F.linear(swiglu(F.linear(h, layer.wgu)), layer.wdown)
+        if logit_rows is not None:
+            x = x[logit_rows]
+            delta = delta[logit_rows] if delta is not None else None
+        h = add_rms_norm(x, delta, self.model.output_norm, eps, dtype)
+        out = self.model.output
+        return F.linear(h, out.weight, out.bias).float()
+
+    def _decode_attend(
+        self, block_table: torch.Tensor, ctx_lens: torch.Tensor, n_split: int
+    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        hp = self.hp
+        dq = hp.n_head * hp.head_dim
+
+        def attend(il: int, qkv: torch.Tensor) -> torch.Tensor:
+            q = qkv[:, :dq].view(qkv.shape[0], hp.n_head, hp.head_dim)
+            return paged_decode_attention(
+                q,
+                self.cache.k[il],
+                self.cache.v[il],
+                block_table,
+                ctx_lens,
+                self.page,
+                hp.attn_scale,
+                n_split,
+            )
+
+        return attend
+
+    # -- steps -------------------------------------------------------------------------
+
+    def forward(
+        self, chunks: Sequence[ScheduledChunk]
+    ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Run one engine step: logits of the chunks that complete, and those chunks."""
+        sampled = [c for c in chunks if c.completes]
+        bucket = pick_bucket(len(chunks), self.buckets)
+        if bucket is not None and all(c.n == 1 for c in chunks):
+            if self.use_graphs:
+                logits = self._decode_graph(chunks, bucket)
+                self.graph_steps += 1
+            else:
+                logits = self.decode_eager(chunks)
+                self.staged_steps += 1
+            if len(sampled) < len(chunks):
+                rows = [i for i, c in enumerate(chunks) if c.completes]
+                logits = logits[torch.tensor(rows, device=self.device)]
+            return logits, sampled
+        self.eager_steps += 1
+        return self._eager(chunks), sampled
+
+    def _stage(self, chunks: Sequence[ScheduledChunk], bucket: int) -> None:
+        rows = []
+        for c in chunks:
+            seq = c.seq
+            assert seq.page_table is not None
+            rows.append((seq.tokens[seq.n_cached], seq.n_cached, seq.page_table.blocks))
+        if self._copied is not None:
+            self._copied.synchronize()  # the last copy out of the pinned buffer is done
+        pack_decode(rows, self._host_np, bucket, self.page)
+        self._dev[:bucket].copy_(self._host[:bucket], non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def _decode_graph(self, chunks: Sequence[ScheduledChunk], bucket: int) -> torch.Tensor:
+        if bucket not in self._graphs:
+            self.capture([bucket])
+        self._stage(chunks, bucket)
+        graph, out = self._graphs[bucket]
+        graph.replay()
+        return out[: len(chunks)]
+
+    def _decode_inputs(
+        self, bucket: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self._dev[:bucket]
+        return d[:, TOKEN], d[:, POSITION], d[:, SLOT], d[:, CTX_LEN], d[:, N_FIXED:]
+
+    def decode_eager(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """A decode step through the graph's code path without the graph (tests)."""
+        bucket = pick_bucket(len(chunks), self.buckets) or len(chunks)
+        if bucket > self._dev.shape[0]:
+            raise ValueError("more sequences than the largest bucket")
+        self._stage(chunks, bucket)
+        tokens, positions, slots, lens, table = self._decode_inputs(bucket)
+        split = split_count(bucket, self.hp.n_head_kv)
+        with torch.inference_mode():
+            out = self._body(tokens, positions, slots, self._decode_attend(table, lens, split))
+        return out[: len(chunks)]
+
+    @torch.inference_mode()
+    def capture(self, buckets: Sequence[int] | None = None) -> None:
+        """Capture a decode graph for each bucket (all of them by default), largest
+        first so that the smaller ones fit in the memory pool the largest reserved."""
+        todo = sorted(buckets or self.buckets, reverse=True)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        for bucket in todo:
+            tokens, positions, slots, lens, table = self._decode_inputs(bucket)
+            # Warm-up inputs: no KV-cache writes, one context position, block 0.
+            self._dev[:bucket].zero_()
+            slots.fill_(-1)
+            lens.fill_(1)
+            attend = self._decode_attend(table, lens, split_count(bucket, self.hp.n_head_kv))
+
+            def run() -> torch.Tensor:
+                return self._body(tokens, positions, slots, attend)  # noqa: B023
+
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles the kernels, creates the BLAS handles
+                    run()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = run()
+            self._graphs[bucket] = (graph, out)
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _eager(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """A mixed step (prompt chunks and decode tokens) with the fused kernels."""
+        dev = self.device
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[_Prefill] = []
+        for chunk in chunks:
+            seq = chunk.seq
+            assert seq.page_table is not None
+            start, stop = seq.n_cached, seq.n_cached + chunk.n
+            row = len(tokens)
+            tokens.extend(seq.tokens[start:stop])
+            positions.extend(range(start, stop))
+            slots.extend(seq.page_table.slots(start, stop))
+            if chunk.n == 1:
+                decode_rows.append(row)
+                decode_tables.append(seq.page_table.blocks)
+                decode_lens.append(stop)
+            else:
+                ctx = None
+                if start > 0:
+                    ctx = torch.tensor(seq.page_table.slots(0, stop), device=dev)
+                prefills.append(_Prefill(row, chunk.n, start, ctx))
+            if chunk.completes:
+                logit_rows.append(row + chunk.n - 1)
+        table = np.zeros((len(decode_rows), max(map(len, decode_tables), default=1)), np.int32)
+        for i, blocks in enumerate(decode_tables):
+            table[i, : len(blocks)] = blocks
+        attend = self._mixed_attend(
+            prefills,
+            torch.tensor(decode_rows, dtype=torch.long, device=dev),
+            torch.from_numpy(table).to(dev),
+            torch.tensor(decode_lens, dtype=torch.int32, device=dev),
+        )
+        return self._body(
+            torch.tensor(tokens, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(slots, dtype=torch.long, device=dev),
+            attend,
+            torch.tensor(logit_rows, dtype=torch.long, device=dev),
+        )
+
+    def _mixed_attend(
+        self,
+        prefills: Sequence[_Prefill],
+        decode_rows: torch.Tensor,
+        decode_table: torch.Tensor,
+        decode_lens: torch.Tensor,
+    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        hp = self.hp
+        dq, dk = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        gqa = hp.n_rep > 1
+        n_dec = decode_rows.shape[0]
+        split = split_count(n_dec, hp.n_head_kv)
+        kv_dtype = self.cache.k.dtype
+
+        def attend(il: int, qkv: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(qkv.shape[0], dq, device=qkv.device, dtype=qkv.dtype)
+            if n_dec:
+                q = qkv[decode_rows, :dq].view(n_dec, hp.n_head, hp.head_dim)
+                out[decode_rows] = paged_decode_attention(
+                    q,
+                    self.cache.k[il],
+                    self.cache.v[il],
+                    decode_table,
+                    decode_lens,
+                    self.page,
+                    hp.attn_scale,
+                    split,
+                )
+            for p in prefills:
+                part = qkv[p.start : p.start + p.n]
+                # (1, heads, n, d): four dimensions let SDPA pick its flash kernel
+                q = part[:, :dq].view(p.n, hp.n_head, hp.head_dim).transpose(0, 1).unsqueeze(0)
+                if p.ctx_slots is None:  # the whole context is this chunk: causal
+                    k = part[:, dq : dq + dk].view(p.n, hp.n_head_kv, hp.head_dim)
+                    v = part[:, dq + dk :].view(p.n, hp.n_head_kv, hp.head_dim)
+                    if kv_dtype != k.dtype:  # what later steps will read back
+                        k, v = k.to(kv_dtype).to(q.dtype), v.to(kv_dtype).to(q.dtype)
+                    o = F.scaled_dot_product_attention(
+                        q,
+                        k.transpose(0, 1).unsqueeze(0),
+                        v.transpose(0, 1).unsqueeze(0),
+                        is_causal=True,
+                        scale=hp.attn_scale,
+                        enable_gqa=gqa,
+                    )
+                else:
+                    k = self.cache.k[il][p.ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+                    v = self.cache.v[il][p.ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+                    n_ctx = p.ctx_slots.shape[0]
+                    key_pos = torch.arange(n_ctx, device=q.device)
+                    query_pos = torch.arange(p.pos0, p.pos0 + p.n, device=q.device)
+                    mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)
+                    o = F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask, scale=hp.attn_scale, enable_gqa=gqa
+                    )
+                out[p.start : p.start + p.n] = o[0].transpose(0, 1).reshape(p.n, dq)
+            return out
+
+        return attend
+
+
+def bytes_per_decode_token(model: LlamaModel) -> int:
+    """Weight bytes one decode step reads at batch 1: every matrix once, plus one
+    embedding row (the KV cache read is context-dependent and counted apart)."""
+    total = 0
+    for layer in model.layers:
+        for lin in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up):
+            total += lin.weight.numel() * lin.weight.element_size()
+        total += layer.w_down.weight.numel() * layer.w_down.weight.element_size()
+        for t in (layer.attn_norm, layer.ffn_norm):
+            total += t.numel() * t.element_size()
+    out = model.output.weight
+    total += out.numel() * out.element_size()
+    emb = model.tok_embd
+    total += math.prod(emb.shape[1:]) * emb.element_size()
+    return total
