@@ -26,9 +26,32 @@ def main() -> None:
     parser.add_argument("--grandchild", help="write the pid of a sleeping grandchild here")
     parser.add_argument("--port-taken-once", help="fail as if the port were taken, once")
     parser.add_argument("--say-ready", action="store_true", help="log a ready line")
+    parser.add_argument(
+        "--chatter", type=float, default=0.0, help="before listening, log for this long"
+    )
+    parser.add_argument(
+        "--chatter-every", type=float, default=0.2, help="seconds between those log writes"
+    )
+    parser.add_argument(
+        "--dots", action="store_true", help="chatter as dots on one line, like llama.cpp"
+    )
+    parser.add_argument(
+        "--silent", type=float, default=0.0, help="then, before listening, say nothing this long"
+    )
     args = parser.parse_args()
 
     print(f"test server starting on port {args.port}", flush=True)
+    chatter_end = time.monotonic() + args.chatter
+    while time.monotonic() < chatter_end:
+        time.sleep(args.chatter_every)
+        if args.dots:
+            sys.stderr.write(".")
+            sys.stderr.flush()
+        else:
+            print("loading tensors", flush=True)
+    if args.dots and args.chatter:
+        print("", file=sys.stderr, flush=True)
+    time.sleep(args.silent)
     if args.exit_code is not None:
         print("error: failed to load model 'nope.gguf'", file=sys.stderr, flush=True)
         sys.exit(args.exit_code)

@@ -21,7 +21,7 @@ from rocmux.errors import ModelClosed, RocmuxError, ServerCrashed, StreamError
 from rocmux.launch import Launch
 from rocmux.manager import PluginManager
 from rocmux.openai_client import OpenAIClient
-from rocmux.supervisor import ServerProcess
+from rocmux.supervisor import ServerProcess, startup_limits
 from rocmux.types import GenerateConfig, Message, Token
 
 
@@ -31,6 +31,10 @@ class ServedModel(TextModel):
 
     A server that crashed is restarted on the next request, at most
     ``max_restarts`` times within ``restart_window`` seconds.
+
+    ``stall_timeout`` and a floor for ``startup_timeout`` come from the
+    ``rocmux.supervisor.startup_limits`` in effect where the model is made (the pool
+    sets them around a backend's ``load``); restarts keep them.
     """
 
     backend: str
@@ -38,6 +42,7 @@ class ServedModel(TextModel):
     make_launch: Callable[[], Launch]
     plugins: PluginManager
     startup_timeout: float = 120.0
+    stall_timeout: float | None = attrs.field(factory=lambda: startup_limits.get().stall_timeout)
     max_restarts: int = 3
     restart_window: float = 60.0
     request_defaults: dict[str, Any] = attrs.field(factory=dict)
@@ -50,6 +55,11 @@ class ServedModel(TextModel):
     _error: BaseException | None = attrs.field(default=None, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _restarts: list[float] = attrs.field(factory=list, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        floor = startup_limits.get().startup_timeout
+        if floor is not None:
+            self.startup_timeout = max(self.startup_timeout, floor)
 
     @property
     def url(self) -> str:
@@ -64,7 +74,10 @@ class ServedModel(TextModel):
 
     async def _start_locked(self) -> None:
         server = ServerProcess(
-            self.make_launch(), plugins=self.plugins, startup_timeout=self.startup_timeout
+            self.make_launch(),
+            plugins=self.plugins,
+            startup_timeout=self.startup_timeout,
+            stall_timeout=self.stall_timeout,
         )
         try:
             await server.start()

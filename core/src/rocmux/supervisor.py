@@ -8,6 +8,10 @@ with ``PR_SET_PDEATHSIG`` so that they die even when it is SIGKILLed.
 A model's lifetime is not lexically scoped (``load()`` returns it, ``close()`` ends
 it, perhaps from another task), so the child's output is drained by a thread rather
 than by a task that would need an enclosing task group.
+
+A start fails when the server shows no progress for ``stall_timeout`` seconds: no new
+output (bytes, not lines: llama.cpp draws its load progress as dots on one line) and
+no health answer of 503 ("loading"). ``startup_timeout`` is an outer cap only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import IO, TYPE_CHECKING
 
 import anyio
@@ -38,6 +43,23 @@ if TYPE_CHECKING:
     from rocmux.manager import PluginManager
 
 _LIVE: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
+
+
+@attrs.frozen
+class StartupLimits:
+    """Startup limits that the caller of a backend's ``load`` sets for the servers it
+    starts (``rocmux serve`` from ``[limits]``), since ``load`` takes no such argument."""
+
+    stall_timeout: float | None = None
+    """Seconds without progress before a start fails; None: no stall check."""
+    startup_timeout: float | None = None
+    """A floor for the outer cap: the backend's own startup timeout is raised to it."""
+
+
+startup_limits: ContextVar[StartupLimits] = ContextVar(
+    "rocmux_startup_limits",
+    default=StartupLimits(),  # noqa: B039 (frozen)
+)
 
 # Used when util-linux's setpriv is missing: set the parent-death signal, then exec.
 _PDEATHSIG_LAUNCHER = (
@@ -94,6 +116,8 @@ class ServerProcess:
     plugins: PluginManager | None = None
     host: str = "127.0.0.1"
     startup_timeout: float = 120.0
+    stall_timeout: float | None = None
+    """Fail a start that shows no progress for this many seconds; None: never."""
     stop_timeout: float = 5.0
     port_retries: int = 5
     probe_interval: float = 0.010
@@ -107,6 +131,8 @@ class ServerProcess:
     _stopping: bool = attrs.field(default=False, init=False)
     _exit_reported: bool = attrs.field(default=False, init=False)
     _killed_because: str | None = attrs.field(default=None, init=False)
+    _partial: bytes = attrs.field(default=b"", init=False)
+    _last_output: float = attrs.field(default=0.0, init=False)
 
     @_lines.default
     def _lines_default(self) -> deque[str]:
@@ -134,8 +160,13 @@ class ServerProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def output_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines the server wrote (stdout and stderr together)."""
-        return "\n".join(list(self._lines)[-lines:])
+        """The last ``lines`` lines the server wrote (stdout and stderr together), with
+        the unfinished last one."""
+        tail = list(self._lines)
+        partial = self._partial
+        if partial:
+            tail.append(partial.decode("utf-8", "replace").rstrip())
+        return "\n".join(tail[-lines:])
 
     def _emit(self, kind: EventKind, **fields: object) -> None:
         if self.plugins is not None:
@@ -147,8 +178,9 @@ class ServerProcess:
     async def start(self) -> None:
         """Spawn the server and return once it answers its health check.
 
-        Raises ``StartupFailed`` (with the tail of its output) when it exits first or
-        misses ``startup_timeout``, and ``BinaryNotFound`` when the executable is missing.
+        Raises ``StartupFailed`` (with the tail of its output) when it exits first,
+        shows no progress for ``stall_timeout`` or misses ``startup_timeout``, and
+        ``BinaryNotFound`` when the executable is missing.
         """
         if self.running:
             return
@@ -193,6 +225,8 @@ class ServerProcess:
                 f"(`rocmux setup {self.launch.backend}`) or point rocmux at it."
             )
         self._lines.clear()
+        self._partial = b""
+        self._last_output = time.monotonic()
         self._ready_line.clear()
         self._stopping = False
         self._exit_reported = False
@@ -230,19 +264,35 @@ class ServerProcess:
 
     def _drain(self, stream: IO[bytes]) -> None:
         pattern = self.launch.ready_pattern
+        read = getattr(stream, "read1", stream.read)
         with stream:
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip()
-                self._lines.append(line)
-                if pattern is not None and pattern.search(line):
-                    self._ready_line.set()
+            # Chunks rather than lines: output without a newline (progress dots) is
+            # progress too, and shows in the tail.
+            while chunk := read(65536):
+                self._last_output = time.monotonic()
+                *lines, self._partial = (self._partial + chunk).split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace").rstrip()
+                    self._lines.append(line)
+                    if pattern is not None and pattern.search(line):
+                        self._ready_line.set()
+                if len(self._partial) > 65536:  # a runaway line: keep its end
+                    self._partial = self._partial[-4096:]
+            if self._partial:
+                self._lines.append(self._partial.decode("utf-8", "replace").rstrip())
+                self._partial = b""
 
     async def _wait_ready(self, deadline: float) -> None:
         import httpx
 
         health = self.url + self.launch.health_path
         next_probe = 0.0
-        async with httpx.AsyncClient(trust_env=False, timeout=2.0) as client:
+        stall = self.stall_timeout
+        progress = time.monotonic()
+        # A stopped server accepts the connection and never answers: the probe must
+        # give up well within the stall timeout.
+        timeout = 2.0 if stall is None else min(2.0, max(0.05, stall / 4))
+        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
             while True:
                 returncode = self.returncode
                 if returncode is not None:
@@ -252,15 +302,25 @@ class ServerProcess:
                         f"before it was ready. Last output:\n{self.output_tail()}"
                     )
                 now = time.monotonic()
+                progress = max(progress, self._last_output)
                 if now >= deadline:
                     raise StartupFailed(
                         f"the {self.launch.backend} server was not ready within "
                         f"{self.startup_timeout:g} s. Last output:\n{self.output_tail()}"
                     )
+                if stall is not None and now - progress >= stall:
+                    raise StartupFailed(
+                        f"the {self.launch.backend} server showed no progress for {stall:g} s "
+                        "while starting (no output, and its health endpoint did not answer "
+                        f"'loading'), so it was stopped. Last output:\n{self.output_tail()}"
+                    )
                 if self._ready_line.is_set() or now >= next_probe:
                     with contextlib.suppress(httpx.TransportError):
-                        if (await client.get(health)).status_code == 200:
+                        status = (await client.get(health)).status_code
+                        if status == 200:
                             return
+                        if status == 503:  # "loading": alive and working on it
+                            progress = time.monotonic()
                     next_probe = time.monotonic() + self.probe_interval
                 # Short sleeps so a ready line in the log is acted on at once.
                 await anyio.sleep(0.002)
