@@ -26,6 +26,8 @@ Recognised keys (every one optional)::
     max_body_bytes = 1048576       # larger requests get 413
     max_tokens_limit = 4096        # larger max_tokens get 400; the default when none is asked
     shutdown_timeout = 30          # seconds SIGTERM lets streams finish before cutting them
+    loading_comments = false       # SSE ": loading MODEL" lines while a stream waits for a load
+    loading_comment_interval = 5   # seconds between them
 
     [limits]
     max_loaded = 2                 # models loaded at once
@@ -37,6 +39,10 @@ Recognised keys (every one optional)::
     stall_timeout = 300            # seconds of runtime silence before a request fails (504)
     health_timeout = 5             # an idle runtime silent this long, twice, is killed
     memory_budget = "6GiB"         # estimated memory all loaded models may use; default none
+    memory_margin = "512MiB"       # measured free memory kept unused (with a budget)
+    memory_return_timeout = 10     # seconds to wait for an unloaded model's memory to show free
+    load_stall_timeout = 120       # seconds a starting runtime may show no progress
+    load_timeout = 1800            # outer cap on a runtime's start, seconds
 
     [devices]                      # which GPUs runtimes get (docs/gpu.md)
     extra_targets = ["gfx1102"]    # gfx targets to treat as supported beyond ROCm's list
@@ -171,6 +177,14 @@ class ServerSettings:
     asks for none); None: no limit."""
     shutdown_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     """Seconds SIGTERM lets in-flight requests finish before their streams are cut."""
+    loading_comments: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool)
+    )
+    """While a streaming request waits for its model to load, answer at once and send SSE
+    comment lines (``: loading MODEL``), which OpenAI clients ignore, so that proxies
+    do not time the connection out."""
+    loading_comment_interval: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    """Seconds between those comment lines."""
 
     @api_keys.validator
     def _check_keys(self, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
@@ -194,7 +208,23 @@ class Limits:
     health_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     """Seconds an idle runtime has to answer its health check; two misses: hung, killed."""
     memory_budget: int | None = attrs.field(default=None, converter=lambda v: parse_size(v))
-    """Bytes all loaded instances may use together (estimated), e.g. "6GiB"; None: no limit."""
+    """Bytes all loaded instances may use together (estimated), e.g. "6GiB"; None: no limit.
+    Each instance counts on the device it runs on: GPU memory, host memory on the CPU."""
+    memory_margin: int = attrs.field(
+        default=512 * 1024**2, converter=lambda v: 0 if v == 0 else parse_size(v)
+    )
+    """With a budget, the measured free memory less this must also hold a new load."""
+    memory_return_timeout: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+    """Seconds to wait, after an unload, for the device monitor to show the memory free."""
+    load_stall_timeout: float | None = attrs.field(
+        default=120.0, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    """Seconds a starting runtime may show no progress (no output, no "loading" answer
+    from its health endpoint) before its load fails."""
+    load_timeout: float | None = attrs.field(
+        default=1800.0, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    """Outer cap on a runtime's start: the backend's own startup timeout is raised to it."""
 
 
 def _gfx_targets(value: object) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -83,6 +84,12 @@ class Metrics:
         self.crashes = Counter(
             "rocmux_runtime_crashes", "Runtime processes that died", ["model"], registry=r
         )
+        self.abandoned = Counter(
+            "rocmux_model_loads_abandoned",
+            "Loads cancelled because every request waiting for them went away",
+            ["model"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "rocmux_queue_depth", "Requests waiting beyond the slots", ["model"], registry=r
         )
@@ -105,6 +112,9 @@ class Metrics:
     def on_crash(self, instance: Instance) -> None:
         self.crashes.labels(instance.entry.name).inc()
 
+    def on_abandon(self, instance: Instance) -> None:
+        self.abandoned.labels(instance.entry.name).inc()
+
     def record_usage(self, model: str, usage: object) -> None:
         if isinstance(usage, dict):
             for kind in ("prompt_tokens", "completion_tokens"):
@@ -120,13 +130,20 @@ class _Stream(StreamingResponse):
     def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]) -> None:
         super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
         self._cleanup = cleanup
+        self._cleaned = False
+
+    async def cleanup(self) -> None:
+        """Release what the stream holds (the upstream response, the instance). Once."""
+        if not self._cleaned:
+            self._cleaned = True
+            await self._cleanup()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._cleanup()
+                await self.cleanup()
 
 
 def _usage_from_tail(tail: bytes) -> object:
@@ -176,6 +193,187 @@ def _upstream_error(status: int, content: bytes) -> JSONResponse:
 def _sse_error(message: str, code: str) -> bytes:
     error = {"message": message, "type": "server_error", "param": None, "code": code}
     return _sse({"error": error})
+
+
+def _error_for(exc: BaseException) -> JSONResponse:
+    """The HTTP answer to a request the pool could not serve."""
+    if isinstance(exc, BadRequest):
+        return error_response(exc.status, str(exc), param=exc.param)
+    if isinstance(exc, ModelUnknown):
+        return error_response(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, PoolBusy):
+        return error_response(
+            503,
+            str(exc),
+            "server_error",
+            code="overloaded",
+            headers={"retry-after": str(max(1, round(exc.retry_after)))},
+        )
+    if isinstance(exc, ModelTooLarge):
+        return error_response(507, str(exc), "server_error", param="model", code="model_too_large")
+    return error_response(502, str(exc), "server_error")
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    """Return when the client has gone (its body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _enter(
+    context: AbstractAsyncContextManager[Instance], request: Request
+) -> Instance | None:
+    """Enter the pool while watching the client: one that disconnects stops waiting
+    (the pool abandons a load nobody waits for); None then."""
+    instance: Instance | None = None
+    error: Exception | None = None
+    gone = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal gone
+            await _until_disconnect(request.receive)
+            gone = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            instance = await context.__aenter__()
+        except Exception as exc:  # kept out of the task group's exception group
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if gone and instance is not None:
+        with anyio.CancelScope(shield=True):
+            await context.__aexit__(None, None, None)
+        return None
+    return instance
+
+
+@attrs.frozen
+class _Call:
+    """One completion request, parsed."""
+
+    model: str
+    kind: str
+    path: str
+    raw: bytes
+    body: dict[str, Any]
+    stream: bool
+    arrived: float
+
+
+class _LoadingStream(Response):
+    """A streaming answer for a model that is not loaded: once the request has to
+    wait (for a load, for memory), the response starts and an SSE comment line
+    (``: loading MODEL``) goes out every ``loading_comment_interval`` seconds until the
+    runtime's stream begins. OpenAI clients skip comments; proxies see bytes moving.
+
+    Errors found before the wait (unknown model, too large) keep their status; later
+    ones become an ``error`` event. A client that disconnects stops waiting.
+    """
+
+    def __init__(self, api: Api, call: _Call) -> None:
+        super().__init__(status_code=200)
+        self.api = api
+        self.call = call
+        self.started = False
+        self.waiting = anyio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        api, call = self.api, self.call
+        context = api.pool.use(call.model, on_wait=self.waiting.set)
+        instance: Instance | None = None
+        error: Exception | None = None
+        response: Response | None = None
+        gone = handed = False
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    nonlocal gone
+                    await _until_disconnect(receive)
+                    gone = True
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                comments = anyio.CancelScope()
+                comments_done = anyio.Event()
+                tg.start_soon(self._comments, send, comments, comments_done)
+                try:
+                    instance = await context.__aenter__()
+                except Exception as exc:  # kept out of the task group's exception group
+                    error = exc
+                comments.cancel()
+                await comments_done.wait()
+                if instance is not None:
+                    held, instance = instance, None  # the response releases it from here
+                    response = await api._respond(held, context, call)
+                if self.started:
+                    await self._pipe(response, error, send)
+                tg.cancel_scope.cancel()
+            if gone:
+                api._count(call.model, call.kind, Response(status_code=499))
+            elif self.started:
+                api._count(call.model, call.kind, self)
+            else:
+                assert response is not None or error is not None
+                answer = response if response is not None else _error_for(error)  # type: ignore[arg-type]
+                api._count(call.model, call.kind, answer)
+                handed = True
+                await answer(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if instance is not None:
+                    await context.__aexit__(None, None, None)
+                if isinstance(response, _Stream) and not handed:
+                    await response.cleanup()
+
+    async def _comments(self, send: Send, scope: anyio.CancelScope, done: anyio.Event) -> None:
+        line = f": loading {self.call.model}\n\n".encode()
+        try:
+            with scope:
+                await self.waiting.wait()
+                self.started = True
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            *((k.encode(), v.encode()) for k, v in SSE_HEADERS.items()),
+                        ],
+                    }
+                )
+                while True:
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                    await anyio.sleep(self.api.settings.loading_comment_interval)
+        finally:
+            done.set()
+
+    async def _pipe(self, response: Response | None, error: Exception | None, send: Send) -> None:
+        """Finish the started stream: the runtime's events, or its error as one."""
+        if isinstance(response, _Stream):
+            body = response.body_iterator
+            try:
+                async for chunk in body:
+                    data = chunk if isinstance(chunk, bytes) else str(chunk).encode()
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            finally:
+                with anyio.CancelScope(shield=True):
+                    aclose = getattr(body, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                    await response.cleanup()
+        else:
+            if response is not None:
+                failed = json.loads(bytes(response.body))
+            else:
+                assert error is not None
+                failed = json.loads(bytes(_error_for(error).body))
+            await send({"type": "http.response.body", "body": _sse(failed), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @attrs.define(eq=False)
@@ -278,6 +476,12 @@ class Api:
             return self._unauthorized()
         return JSONResponse({"instances": [i.describe() for i in self.pool.instances.values()]})
 
+    async def admin_events(self, request: Request) -> Response:
+        """The pool's recent loads, evictions, waits and memory readings, oldest first."""
+        if not self._authorized(request):
+            return self._unauthorized()
+        return JSONResponse({"events": list(self.pool.events)})
+
     async def admin_unload(self, request: Request) -> Response:
         if not self._authorized(request):
             return self._unauthorized()
@@ -306,39 +510,31 @@ class Api:
             if kind != "embedding" and self.settings.max_tokens_limit is not None:
                 raw, body = _limit_tokens(raw, body, self.settings.max_tokens_limit)
             stream = bool(body.get("stream", False))
-            context = self.pool.use(model)
-            instance = await context.__aenter__()
-        except BadRequest as exc:
-            return self._count(model, kind, error_response(exc.status, str(exc), param=exc.param))
-        except ModelUnknown as exc:
-            return self._count(
-                model, kind, error_response(404, str(exc), param="model", code="model_not_found")
-            )
-        except PoolBusy as exc:
-            return self._count(
-                model,
-                kind,
-                error_response(
-                    503,
-                    str(exc),
-                    "server_error",
-                    code="overloaded",
-                    headers={"retry-after": str(max(1, round(exc.retry_after)))},
-                ),
-            )
-        except ModelTooLarge as exc:
-            return self._count(
-                model,
-                kind,
-                error_response(
-                    507, str(exc), "server_error", param="model", code="model_too_large"
-                ),
-            )
+            if self.pool.is_ready(model):
+                # The hot path: nothing to wait for, no disconnect to watch.
+                context = self.pool.use(model)
+                instance: Instance | None = await context.__aenter__()
+            elif stream and self.settings.loading_comments:
+                call = _Call(model, kind, path, raw, body, stream, arrived)
+                return _LoadingStream(self, call)
+            else:
+                context = self.pool.use(model)
+                instance = await _enter(context, request)
         except ClientDisconnect:
             return Response(status_code=499)
-        except RocmuxError as exc:
-            return self._count(model, kind, error_response(502, str(exc), "server_error"))
+        except (BadRequest, RocmuxError) as exc:
+            return self._count(model, kind, _error_for(exc))
+        if instance is None:  # the client went away while it waited
+            return self._count(model, kind, Response(status_code=499))
+        call = _Call(model, kind, path, raw, body, stream, arrived)
+        response = await self._respond(instance, context, call)
+        return self._count(instance.entry.name, kind, response)
 
+    async def _respond(
+        self, instance: Instance, context: AbstractAsyncContextManager[Instance], call: _Call
+    ) -> Response:
+        """The answer to ``call`` from ``instance``, which ``context`` holds until the
+        answer is complete (a stream's cleanup releases it)."""
         released = False
 
         async def release() -> None:
@@ -349,17 +545,19 @@ class Api:
 
         try:
             if hasattr(instance.model, "url") and hasattr(instance.model, "ensure_running"):
-                response = await self._proxy(instance, path, raw, stream, arrived, release)
-            elif kind == "embedding":
+                return await self._proxy(
+                    instance, call.path, call.raw, call.stream, call.arrived, release
+                )
+            if call.kind == "embedding":
                 await release()
-                response = error_response(400, f"model {model!r} does not serve embeddings")
-            else:
-                response = await self._generate(instance, body, kind, stream, arrived, release)
+                return error_response(400, f"model {call.model!r} does not serve embeddings")
+            return await self._generate(
+                instance, call.body, call.kind, call.stream, call.arrived, release
+            )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await release()
             raise
-        return self._count(instance.entry.name, kind, response)
 
     def _count(self, model: str, kind: str, response: Response) -> Response:
         self.metrics.requests.labels(model, kind, str(response.status_code)).inc()
@@ -777,6 +975,7 @@ def create_app(
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
         Route("/admin/instances", api.admin_instances, methods=["GET"]),
+        Route("/admin/events", api.admin_events, methods=["GET"]),
         Route("/admin/instances/{key}/unload", api.admin_unload, methods=["POST"]),
     ]
     handlers = {HTTPException: _http_exception}

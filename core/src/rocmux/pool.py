@@ -1,17 +1,23 @@
 """A pool of loaded models: load on demand, share identical configurations, evict the
 least recently used idle instance, unload idle ones, count crashes.
 
+With a memory budget, a load must fit both the budget (estimated bytes of the loaded
+instances) and the memory a device monitor measures free now, less a margin; idle
+instances are unloaded, least recently used first, until it does.
+
 Used by ``rocmux serve``; it knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import attrs
@@ -23,12 +29,19 @@ from rocmux.errors import ModelError, RocmuxError
 from rocmux.events import LifecycleEvent
 from rocmux.manager import PluginManager
 from rocmux.registry import RegisteredBackend
+from rocmux.supervisor import StartupLimits, startup_limits
 from rocmux.types import LoadConfig
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup, TaskStatus
+
     from rocmux.devices import GpuInfo
 
 State = Literal["loading", "ready", "unloading", "failed"]
+
+MemoryProbe = Callable[[tuple[str, ...]], "int | None"]
+"""Free bytes now on the given devices (ids like ``CUDA0``, ``ROCm1``; ``()`` is the
+host), or None when unknown. Called in a worker thread."""
 
 
 class ModelUnknown(ModelError):
@@ -53,6 +66,46 @@ def instance_key(path: Path, backend: str, config: LoadConfig) -> str:
     return hashlib.sha256(raw).hexdigest()[:12]
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _ordinal(device: str) -> str:
+    """``"1"``, ``"ROCm1"``, ``"CUDA1"`` -> ``"1"``: the runtime's device number."""
+    return device.lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _where(devices: tuple[str, ...]) -> str:
+    return "+".join(devices) if devices else "the host"
+
+
+@functools.cache
+def _gpus() -> dict[str, GpuInfo]:
+    from rocmux.devices import detect_gpus
+
+    return {gpu.device_id: gpu for gpu in detect_gpus()}
+
+
+def measure_free(devices: tuple[str, ...]) -> int | None:
+    """The default :data:`MemoryProbe`, through ``rocmux.devices``: the host's
+    ``MemAvailable`` for ``()``; else the free memory of each device (NVML, sysfs),
+    summed. None when a device is not found or its free memory is unknown. Blocking."""
+    from rocmux.devices import cpu_info, memory_now
+
+    if not devices:
+        return cpu_info().memory_free
+    total = 0
+    for device in devices:
+        gpu = _gpus().get(device)
+        if gpu is None:
+            return None
+        free = memory_now(gpu)[1]
+        if free is None:
+            return None
+        total += free
+    return total
+
+
 @attrs.define(eq=False)
 class Instance:
     """One loaded (or loading) model."""
@@ -64,20 +117,33 @@ class Instance:
     state: State = "loading"
     model: TextModel | None = None
     in_flight: int = 0
+    waiting: int = 0
+    """Requests waiting for this instance's load; they hold it like requests in flight."""
     last_used: float = attrs.field(factory=time.monotonic)
     loaded_at: float | None = None
     load_seconds: float | None = None
     ready: anyio.Event = attrs.field(factory=anyio.Event)
+    gone: anyio.Event = attrs.field(factory=anyio.Event)
     error: str | None = None
     crashes: int = 0
     requests: int = 0
     need: int = 0
-    """Estimated bytes this instance uses (0 when no memory budget is set)."""
+    """Estimated bytes this instance uses on its device (0 when no memory budget is set)."""
+    devices: tuple[str, ...] = ()
+    """The GPUs it runs on (``()``: the host), where ``need`` is counted and measured."""
     load: LoadConfig | None = None
+    wanted: bool = False
+    """A client gave up waiting for the load with a 503 and will retry: load on."""
+    load_scope: anyio.CancelScope | None = None
 
     @property
     def slots(self) -> int:
         return self.entry.load.parallel or 4
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight, queued at the runtime or waiting for the load."""
+        return self.in_flight > 0 or self.waiting > 0
 
     def describe(self) -> dict[str, object]:
         url = getattr(self.model, "url", None) if self.state == "ready" else None
@@ -89,6 +155,7 @@ class Instance:
             "backend": self.backend,
             "state": self.state,
             "in_flight": self.in_flight,
+            "waiting": self.waiting,
             "requests": self.requests,
             "idle_seconds": round(time.monotonic() - self.last_used, 3),
             "load_seconds": self.load_seconds,
@@ -96,9 +163,17 @@ class Instance:
             "url": url,
             "crashes": self.crashes,
             "memory_estimate": self.need or None,
+            "devices": list(self.devices) or ["host"],
             "context_len": self.load.context_len if self.load else None,
             "last_error": self.error,
         }
+
+    def holding(self) -> str:
+        """``name (bytes, what it is doing)`` for messages about memory."""
+        doing = self.state if self.state != "ready" else f"{self.in_flight} in flight"
+        if self.waiting:
+            doing += f", {self.waiting} waiting"
+        return f"{self.entry.name} ({_gib(self.need) + ', ' if self.need else ''}{doing})"
 
 
 @attrs.define(eq=False)
@@ -108,25 +183,44 @@ class PoolObserver:
     on_load: Callable[[Instance], None] = lambda i: None
     on_evict: Callable[[Instance, str], None] = lambda i, reason: None
     on_crash: Callable[[Instance], None] = lambda i: None
+    on_abandon: Callable[[Instance], None] = lambda i: None
+
+
+@attrs.frozen
+class _Shortfall:
+    kind: Literal["count", "budget", "measured"]
+    why: str
 
 
 @attrs.define(eq=False)
 class ModelPool:
-    """Instances by key, with the names that reach them."""
+    """Instances by key, with the names that reach them.
+
+    ``run()`` (``rocmux serve`` runs it for its lifetime) gives loads a task of their
+    own, so that a load outlives the request that started it and is abandoned only
+    when every request waiting for it has gone; without it a load runs in the task of
+    the request that started it.
+    """
 
     entries: Sequence[ModelEntry]
     limits: Limits
     plugins: PluginManager
     observer: PoolObserver = attrs.field(factory=PoolObserver)
+    memory_probe: MemoryProbe = measure_free
     instances: dict[str, Instance] = attrs.field(factory=dict, init=False)
+    events: deque[dict[str, Any]] = attrs.field(factory=lambda: deque(maxlen=500), init=False)
+    """Recent loads, evictions and waits, newest last (``/admin/events``)."""
     _names: dict[str, ModelEntry] = attrs.field(factory=dict, init=False)
     _lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
-    _idle: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _changed: anyio.Event = attrs.field(factory=anyio.Event, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _resolved: dict[str, tuple[Path, RegisteredBackend]] = attrs.field(factory=dict, init=False)
     _watcher_name: str = attrs.field(default="", init=False)
     _resolve_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
     _on_gpu: dict[str, bool] = attrs.field(factory=dict, init=False)
+    _devices: dict[str, tuple[str, ...]] = attrs.field(factory=dict, init=False)
+    _keys: dict[str, str] = attrs.field(factory=dict, init=False)
+    _tg: TaskGroup | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         for entry in self.entries:
@@ -147,28 +241,53 @@ class ModelPool:
             known = ", ".join(sorted(self._names)) or "none"
             raise ModelUnknown(f"model {name!r} does not exist here; available: {known}") from None
 
+    def is_ready(self, name: str) -> bool:
+        """Whether a request for ``name`` would find its instance loaded now."""
+        entry = self.entry(name)
+        key = self._keys.get(entry.name)
+        instance = self.instances.get(key) if key is not None else None
+        return instance is not None and instance.state == "ready"
+
     # -- use ----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def use(self, name: str) -> AsyncIterator[Instance]:
-        """Hold an instance of model ``name`` for one request, loading it if needed."""
+    async def use(
+        self, name: str, on_wait: Callable[[], None] | None = None
+    ) -> AsyncIterator[Instance]:
+        """Hold an instance of model ``name`` for one request, loading it if needed.
+
+        ``on_wait`` is called (perhaps more than once) when the request starts to wait:
+        for a load, for memory, for a busy pool.
+        """
         entry = self.entry(name)
-        instance = await self._acquire(entry)
+        instance = await self._acquire(entry, on_wait or (lambda: None))
         try:
             yield instance
         finally:
             instance.in_flight -= 1
             instance.last_used = time.monotonic()
             if instance.in_flight == 0:
-                self._idle.set()
+                self._notify()
 
-    async def _acquire(self, entry: ModelEntry) -> Instance:
+    def _notify(self) -> None:
+        """Wake the requests waiting for room: an instance went idle, loaded or left."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _event(self, kind: str, instance: Instance | None = None, **fields: object) -> None:
+        event: dict[str, Any] = {"t": round(time.time(), 3), "event": kind}
+        if instance is not None:
+            event.update(model=instance.entry.name, key=instance.key, need=instance.need)
+        event.update(fields)
+        self.events.append(event)
+
+    async def _acquire(self, entry: ModelEntry, on_wait: Callable[[], None]) -> Instance:
         deadline = anyio.current_time() + self.limits.queue_timeout
         while True:
-            instance = await self._instance_for(entry, deadline)
-            if instance.state == "loading":
-                with anyio.move_on_at(deadline):
-                    await instance.ready.wait()
+            instance, joined = await self._instance_for(entry, deadline, on_wait)
+            if joined:
+                on_wait()
+                await self._wait_for_load(instance, deadline)
             if instance.state == "ready":
                 if instance.in_flight >= instance.slots + self.limits.queue_length:
                     raise PoolBusy(
@@ -184,45 +303,149 @@ class ModelPool:
                 raise RocmuxError(f"model {entry.name!r} failed to load: {instance.error}")
             if anyio.current_time() >= deadline:
                 raise PoolBusy(f"model {entry.name!r} is still loading", retry_after=2.0)
-            # "unloading": it is going away; ask again for a fresh instance.
-            await anyio.sleep(0.01)
+            # "unloading": it is going away; ask again for a fresh instance once it has.
+            with anyio.move_on_at(deadline):
+                await instance.gone.wait()
 
-    async def _instance_for(self, entry: ModelEntry, deadline: float) -> Instance:
+    async def _wait_for_load(self, instance: Instance, deadline: float) -> None:
+        """Wait for ``instance``'s load (``waiting`` was counted by ``_instance_for``).
+        The last waiter to go away (a client that disconnected) abandons the load."""
+        try:
+            with anyio.move_on_at(deadline) as scope:
+                await instance.ready.wait()
+            if scope.cancelled_caught:
+                instance.wanted = True  # its client gets 503 and Retry-After
+        finally:
+            instance.waiting -= 1
+            if instance.waiting == 0 and instance.state == "loading" and not instance.wanted:
+                self._abandon(instance)
+
+    def _abandon(self, instance: Instance) -> None:
+        if instance.load_scope is None:
+            return
+        instance.state = "unloading"
+        instance.error = "load abandoned: every request waiting for it went away"
+        instance.load_scope.cancel()
+
+    async def _instance_for(
+        self, entry: ModelEntry, deadline: float, on_wait: Callable[[], None]
+    ) -> tuple[Instance, bool]:
+        """The instance for ``entry``, its load started if new; True when the caller
+        was counted among those waiting for its load."""
         path, registered = await self._resolve(entry)
         backend = registered.name
-        key = instance_key(path, backend, entry.load)
+        key = self._keys[entry.name]
         existing = self.instances.get(key)
-        if existing is not None and existing.state in ("loading", "ready"):
-            return existing
-        async with self._lock:
+        if existing is not None:
+            return existing, self._join(existing)
+        if self._lock.locked():
+            on_wait()
+        with anyio.move_on_at(deadline) as scope:
+            await self._lock.acquire()
+        if scope.cancelled_caught:
+            raise PoolBusy(
+                f"model {entry.name!r} waited {self.limits.queue_timeout:g} s for other loads "
+                "and unloads to finish",
+                retry_after=2.0,
+            )
+        try:
             existing = self.instances.get(key)
-            if existing is not None and existing.state in ("loading", "ready"):
-                return existing
+            if existing is not None:
+                return existing, self._join(existing)
             load, need = await self._plan(entry, path)
-            await self._make_room(deadline, entry.name, need)
+            devices = self._devices.get(entry.name, ())
+            await self._make_room(deadline, entry, need, devices, on_wait)
+            # The requester counts as waiting from the start: a load is never seen idle.
             instance = Instance(
-                key=key, entry=entry, path=path, backend=backend, need=need, load=load
+                key=key,
+                entry=entry,
+                path=path,
+                backend=backend,
+                need=need,
+                devices=devices,
+                load=load,
+                waiting=1,
             )
             self.instances[key] = instance
-        # Loading happens outside the lock: other models stay reachable meanwhile.
+            self._event("load", instance, devices=list(devices) or ["host"])
+            if self._tg is not None:
+                await self._tg.start(self._load, instance, registered)
+        finally:
+            self._lock.release()
+        if self._tg is None:
+            await self._load(instance, registered)  # no task group: load in this task
+        return instance, True
+
+    @staticmethod
+    def _join(instance: Instance) -> bool:
+        if instance.state != "loading":
+            return False
+        instance.waiting += 1
+        return True
+
+    async def _load(
+        self,
+        instance: Instance,
+        registered: RegisteredBackend,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Load ``instance``; every outcome ends with ``ready`` set. Never raises but
+        for the cancellation of an enclosing scope."""
+        model: TextModel | None = None
         started = time.monotonic()
+        limits = StartupLimits(self.limits.load_stall_timeout, self.limits.load_timeout)
+        token = startup_limits.set(limits)
         try:
-            instance.model = await registered.backend.load(path, instance.load or entry.load)
-        except Exception as exc:
+            with anyio.CancelScope() as scope:
+                instance.load_scope = scope
+                task_status.started()
+                try:
+                    model = await registered.backend.load(
+                        instance.path, instance.load or instance.entry.load
+                    )
+                except Exception as exc:
+                    instance.error = str(exc)
+        finally:
+            startup_limits.reset(token)
+            if model is not None and instance.state != "loading":
+                # Abandoned as it finished: nobody wants it.
+                with anyio.CancelScope(shield=True):
+                    await model.close()
+                model = None
+            self._finish_load(instance, model, time.monotonic() - started)
+
+    def _finish_load(self, instance: Instance, model: TextModel | None, seconds: float) -> None:
+        if model is None:
+            abandoned = instance.state == "unloading" or instance.error is None
             instance.state = "failed"
-            instance.error = str(exc)
-            self.instances.pop(key, None)
+            instance.error = instance.error or "load cancelled"
+            self._remove(instance)
             instance.ready.set()
-            raise
-        if hasattr(instance.model, "max_restarts"):
-            instance.model.max_restarts = self.limits.max_restarts  # type: ignore[attr-defined]
-            instance.model.restart_window = self.limits.restart_window  # type: ignore[attr-defined]
-        instance.load_seconds = time.monotonic() - started
+            if abandoned:
+                self._event("abandoned", instance, seconds=round(seconds, 3))
+                self.observer.on_abandon(instance)
+            else:
+                self._event("failed", instance, error=instance.error[:500])
+            return
+        instance.model = model
+        if hasattr(model, "max_restarts"):
+            model.max_restarts = self.limits.max_restarts  # type: ignore[attr-defined]
+            model.restart_window = self.limits.restart_window  # type: ignore[attr-defined]
+        instance.load_seconds = seconds
         instance.loaded_at = instance.last_used = time.monotonic()
         instance.state = "ready"
+        instance.load_scope = None
         instance.ready.set()
+        self._event("ready", instance, seconds=round(seconds, 3))
         self.observer.on_load(instance)
-        return instance
+        self._notify()
+
+    def _remove(self, instance: Instance) -> None:
+        if self.instances.get(instance.key) is instance:
+            del self.instances[instance.key]
+        instance.gone.set()
+        self._notify()
 
     async def _resolve(self, entry: ModelEntry) -> tuple[Path, RegisteredBackend]:
         # Detection runs binaries; do it once per model, not once per request.
@@ -238,14 +461,19 @@ class ModelPool:
                 path = resolve_model(entry.path)
                 detected = await choose_backend(entry.backend, self.plugins)
                 resolved = self._resolved[entry.name] = (path, detected.entry)
-                self._on_gpu[entry.name] = bool(detected.availability.devices)
+                self._keys[entry.name] = instance_key(path, detected.entry.name, entry.load)
+                devices = tuple(d.id for d in detected.availability.devices if d.kind != "cpu")
+                if entry.load.devices:
+                    chosen = {_ordinal(d) for d in entry.load.devices}
+                    devices = tuple(d for d in devices if _ordinal(d) in chosen)
+                if entry.load.gpu_layers == 0:
+                    devices = ()
+                self._on_gpu[entry.name] = bool(devices)
+                self._devices[entry.name] = devices
             return resolved
 
-    def _loaded(self) -> list[Instance]:
-        return [i for i in self.instances.values() if i.state in ("loading", "ready")]
-
     async def _plan(self, entry: ModelEntry, path: Path) -> tuple[LoadConfig, int]:
-        """Settings and estimated bytes for a load under the memory budget.
+        """Settings and estimated bytes on its device for a load under the memory budget.
 
         With a budget, the context the user left open is chosen to fit it, and a model
         that cannot fit even alone is refused here, before any process starts.
@@ -257,58 +485,161 @@ class ModelPool:
         from rocmux.memory import fit
 
         info = await anyio.to_thread.run_sync(ModelInfo.from_gguf, path)
+        on_gpu = self._on_gpu.get(entry.name, False)
         room: int | GpuInfo = budget
-        if not self._on_gpu.get(entry.name, False):
+        if not on_gpu:
             # A CPU runtime keeps everything in host memory: fit the whole estimate.
             from rocmux.devices import GpuInfo
 
             room = GpuInfo(index=None, vendor="cpu", name="budget", memory_free=budget)
         result = fit(info, room, margin=0, requested=entry.load)
+        need = result.estimate.device_total if on_gpu else result.estimate.host_total
         if not result.fits:
             raise ModelTooLarge(
-                f"model {entry.name!r} needs about {result.estimate.total / 2**30:.2f} GiB "
-                f"({result.estimate.describe()}), more than the whole memory budget of "
-                f"{budget / 2**30:.2f} GiB; raise limits.memory_budget or lower its context_len"
+                f"model {entry.name!r} needs about {_gib(need)} on "
+                f"{_where(self._devices.get(entry.name, ()))} ({result.estimate.describe()}), "
+                f"more than the whole memory budget of {_gib(budget)}; raise "
+                "limits.memory_budget or lower its context_len"
             )
-        need = result.estimate.total if isinstance(room, int) else result.estimate.host_total
-        return result.config, max(need, result.estimate.total)
+        return result.config, need
 
-    def _fits(self, need: int) -> bool:
+    async def _free(self, devices: tuple[str, ...]) -> int | None:
+        try:
+            return await anyio.to_thread.run_sync(self.memory_probe, devices)
+        except Exception as exc:  # a broken monitor must not stop the server
+            self._event("probe_failed", error=repr(exc)[:200])
+            return None
+
+    async def _usable(self, devices: tuple[str, ...]) -> tuple[int, int] | None:
+        """(measured free bytes on ``devices``, what a new load may use of them): less the
+        margin and the estimates of loads still allocating there."""
+        free = await self._free(devices)
+        if free is None:
+            return None
+        pending = sum(
+            i.need for i in self.instances.values() if i.state == "loading" and i.devices == devices
+        )
+        return free, free - self.limits.memory_margin - pending
+
+    async def _shortfall(self, need: int, devices: tuple[str, ...]) -> _Shortfall | None:
+        """Why one more instance of ``need`` bytes on ``devices`` does not fit now."""
+        count = len(self.instances)
+        if count >= self.limits.max_loaded:
+            return _Shortfall("count", f"{count} instance(s) loaded (limits.max_loaded)")
         budget = self.limits.memory_budget
         if budget is None:
-            return True
-        reserved = sum(i.need for i in self._loaded())
-        return reserved + need <= budget
+            return None
+        reserved = sum(i.need for i in self.instances.values())
+        if reserved + need > budget:
+            return _Shortfall(
+                "budget",
+                f"{_gib(budget - reserved)} of the memory budget of {_gib(budget)} is left "
+                "(limits.memory_budget)",
+            )
+        usable = await self._usable(devices)
+        if usable is not None and need > usable[1]:
+            free, room = usable
+            return _Shortfall(
+                "measured",
+                f"{_where(devices)} has {_gib(free)} free, {_gib(max(room, 0))} usable "
+                f"less the margin of {_gib(self.limits.memory_margin)} "
+                "(limits.memory_margin) and loads in progress",
+            )
+        return None
 
-    async def _make_room(self, deadline: float, wanted: str, need: int = 0) -> None:
-        """Unload least recently used idle instances until one more fits, by count and
-        by estimated memory; wait (up to ``deadline``) while the rest are busy."""
-        while len(self._loaded()) >= self.limits.max_loaded or not self._fits(need):
-            idle = [i for i in self._loaded() if i.state == "ready" and i.in_flight == 0]
+    async def _make_room(
+        self,
+        deadline: float,
+        entry: ModelEntry,
+        need: int,
+        devices: tuple[str, ...],
+        on_wait: Callable[[], None],
+    ) -> None:
+        """Unload least recently used idle instances, one at a time, until one more fits
+        by count, budget and measured free memory; after each, wait until the monitor
+        shows its memory back. Busy instances are never unloaded: wait (up to
+        ``deadline``) for one to go idle, or for memory to free, then give up."""
+        logged = False
+        while (short := await self._shortfall(need, devices)) is not None:
+            idle = [i for i in self.instances.values() if i.state == "ready" and not i.busy]
+            if short.kind == "measured":
+                # Only an instance on the same devices gives that memory back.
+                idle = [i for i in idle if set(i.devices) & set(devices) or i.devices == devices]
             if idle:
                 victim = min(idle, key=lambda i: i.last_used)
-                await self._unload(victim, "lru" if self._fits(need) else "memory")
+                on_wait()
+                reason = "lru" if short.kind == "count" else "memory"
+                await self._evict(victim, reason, need, devices)
                 continue
-            self._idle = anyio.Event()
-            with anyio.move_on_at(deadline) as scope:
-                await self._idle.wait()
-            if scope.cancelled_caught:
-                busy = ", ".join(
-                    f"{i.entry.name} ({i.in_flight} in flight)" for i in self._loaded()
-                )
-                raise PoolBusy(
-                    f"cannot load {wanted!r}: {self.limits.max_loaded} model(s) already "
-                    f"loaded and busy: {busy}",
-                    retry_after=2.0,
-                )
+            now = anyio.current_time()
+            if now >= deadline:
+                raise PoolBusy(self._no_room(entry, need, devices, short), retry_after=2.0)
+            on_wait()
+            if not logged:
+                logged = True
+                self._event("wait", model=entry.name, need=need, reason=short.why)
+            changed = self._changed
+            # Memory that other processes hold shows no event: look again now and then.
+            poll = 0.5 if short.kind == "measured" else deadline - now
+            with anyio.move_on_at(min(deadline, now + poll)):
+                await changed.wait()
+
+    def _no_room(
+        self, entry: ModelEntry, need: int, devices: tuple[str, ...], short: _Shortfall
+    ) -> str:
+        size = f"{_gib(need)} on {_where(devices)}" if need else _where(devices)
+        message = (
+            f"cannot load {entry.name!r} ({size}) within {self.limits.queue_timeout:g} s "
+            f"(limits.queue_timeout): {short.why}"
+        )
+        if short.kind != "measured":
+            held = ", ".join(i.holding() for i in self.instances.values())
+            return f"{message}; held by {held}, none of them idle"
+        ours = [i for i in self.instances.values() if i.devices == devices]
+        if ours:
+            held = ", ".join(i.holding() for i in ours)
+            message += f"; held by {held}, none of them idle"
+        return message + "; other processes hold the rest"
+
+    async def _evict(
+        self, victim: Instance, reason: str, need: int, devices: tuple[str, ...]
+    ) -> None:
+        """Unload ``victim``; with a budget, then wait until the monitor shows its memory
+        back (half its estimate: what a runtime really frees varies, and mmapped weights
+        stay in the page cache on the CPU), or shows room for the load to come."""
+        before = await self._free(victim.devices) if self.limits.memory_budget else None
+        started = anyio.current_time()
+        await self._unload(victim, reason)
+        if before is None:
+            return
+        free: int | None = before
+        with anyio.move_on_after(self.limits.memory_return_timeout):
+            while True:
+                free = await self._free(victim.devices)
+                if free is None or free - before >= victim.need // 2:
+                    break
+                usable = await self._usable(devices)
+                if usable is not None and usable[1] >= need:
+                    break
+                await anyio.sleep(0.05)
+        self._event(
+            "returned",
+            victim,
+            seconds=round(anyio.current_time() - started, 3),
+            free_before=before,
+            free_after=free,
+        )
 
     async def _unload(self, instance: Instance, reason: str) -> None:
+        self._event(
+            "evict", instance, reason=reason, in_flight=instance.in_flight, waiting=instance.waiting
+        )
         instance.state = "unloading"
         try:
             if instance.model is not None:
                 await instance.model.close()
         finally:
-            self.instances.pop(instance.key, None)
+            self._remove(instance)
             self.observer.on_evict(instance, reason)
 
     async def unload(self, key: str) -> bool:
@@ -322,6 +653,20 @@ class ModelPool:
 
     # -- background work ----------------------------------------------------------------
 
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The pool's background work until cancelled: the task group loads run in,
+        the idle reaper and the health monitor. Cancelling it cancels loads under way
+        (their runtimes are stopped)."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                tg.start_soon(self.reap_idle_forever)
+                tg.start_soon(self.monitor_health_forever)
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                self._tg = None
+
     async def reap_idle_forever(self, interval: float = 1.0) -> None:
         """Unload instances idle longer than ``limits.idle_ttl``."""
         if self.limits.idle_ttl <= 0:
@@ -332,11 +677,11 @@ class ModelPool:
             for instance in list(self.instances.values()):
                 if (
                     instance.state == "ready"
-                    and instance.in_flight == 0
+                    and not instance.busy
                     and now - instance.last_used >= self.limits.idle_ttl
                 ):
                     async with self._lock:
-                        if instance.state == "ready" and instance.in_flight == 0:
+                        if instance.state == "ready" and not instance.busy:
                             await self._unload(instance, "idle")
 
     async def monitor_health_forever(self, interval: float = 0.5) -> None:
@@ -372,7 +717,7 @@ class ModelPool:
                 except RocmuxError as exc:
                     instance.error = str(exc)
                     instance.state = "failed"
-                    self.instances.pop(instance.key, None)
+                    self._remove(instance)
 
     async def aclose(self) -> None:
         """Unload everything. Idempotent."""
@@ -382,6 +727,8 @@ class ModelPool:
         self.plugins.pm.unregister(name=self._watcher_name)
         with anyio.CancelScope(shield=True):
             for instance in list(self.instances.values()):
+                if instance.load_scope is not None:
+                    instance.load_scope.cancel()  # its task stops the runtime
                 if instance.model is not None:
                     await instance.model.close()
             self.instances.clear()

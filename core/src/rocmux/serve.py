@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     from rocmux.http_api import Api
-    from rocmux.pool import ModelPool
+    from rocmux.pool import MemoryProbe, ModelPool
 
 
 def model_entries(config: Config, paths: Sequence[Path] = ()) -> tuple[ModelEntry, ...]:
@@ -64,22 +64,33 @@ class Service:
     config: Config
     settings: ServerSettings
     plugins: PluginManager = attrs.field(factory=get_plugin_manager)
+    memory_probe: MemoryProbe | None = None
+    """Free memory on a device now; default: ``rocmux.pool.measure_free`` (NVML, sysfs,
+    ``/proc/meminfo``). Tests pass a fake."""
 
     def build(self) -> tuple[Starlette, Api, ModelPool]:
         from rocmux.http_api import Metrics, create_app
-        from rocmux.pool import ModelPool, PoolObserver
+        from rocmux.pool import ModelPool, PoolObserver, measure_free
 
         metrics = Metrics()
         observer = PoolObserver(
-            on_load=metrics.on_load, on_evict=metrics.on_evict, on_crash=metrics.on_crash
+            on_load=metrics.on_load,
+            on_evict=metrics.on_evict,
+            on_crash=metrics.on_crash,
+            on_abandon=metrics.on_abandon,
         )
-        pool = ModelPool(self.entries, self.config.limits, self.plugins, observer)
+        pool = ModelPool(
+            self.entries,
+            self.config.limits,
+            self.plugins,
+            observer,
+            memory_probe=self.memory_probe or measure_free,
+        )
 
         @asynccontextmanager
         async def lifespan(app: object) -> AsyncIterator[None]:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(pool.reap_idle_forever)
-                tg.start_soon(pool.monitor_health_forever)
+                await tg.start(pool.run)
                 try:
                     yield
                 finally:
