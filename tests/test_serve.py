@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from rocmux.config import Config, Limits, ModelEntry, ServerSettings
 from rocmux.manager import PluginManager
-from rocmux.pool import ModelPool
+from rocmux.pool import MemoryProbe, ModelPool
 from rocmux.serve import Service
 from rocmux.supervisor import free_port
 from rocmux.types import LoadConfig
@@ -34,12 +34,13 @@ async def running(
     limits: Limits | None = None,
     settings: ServerSettings | None = None,
     plugins: PluginManager | None = None,
+    memory_probe: MemoryProbe | None = None,
 ) -> AsyncIterator[tuple[str, ModelPool]]:
     """``rocmux serve`` in this process, on a free port."""
     config = Config(limits=limits or Limits())
     port = free_port()
     settings = settings or ServerSettings(port=port)
-    service = Service(entries, config, settings, plugins or PluginManager.discover())
+    service = Service(entries, config, settings, plugins or PluginManager.discover(), memory_probe)
     app, _api, pool = service.build()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
