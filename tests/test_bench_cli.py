@@ -63,6 +63,7 @@ def test_bench_llamacpp_on_the_tiny_model(tiny_model, llama_server, tmp_path, ca
     assert run["error"] is None
     assert run["model"]["sha256"] == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
     assert run["model"]["architecture"] == "llama"
+    assert run["host_load"]["before"] >= 0 and run["host_load"]["after"] >= 0
     backend = run["backend"]
     assert backend["name"] == "llamacpp_hip" and backend["version"]
     # Every slot and its tokens fit: parallel = top concurrency, context = 2 slots x 256.

@@ -912,6 +912,13 @@ class LaunchRecorder:
 # ---------------------------------------------------------------- running
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _load_json(config: LoadConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(config).items()}
 
@@ -944,6 +951,8 @@ async def bench_job(
         "runtime": {},
         "levels": [],
         "error": None,
+        # Other work on the machine shows here: the 1-minute load before and after.
+        "host_load": {"before": _load_average(), "after": None},
     }
     first_launch = len(launches.commands) if launches is not None else 0
     name = f"{model_info.get('file')} · {job.backend}" + (
@@ -981,6 +990,7 @@ async def bench_job(
             run["error"] = f"{type(exc).__name__}: {exc}"
             reporter.job_failed(job, run["error"])
         peak_rss, peak_gpu = monitor.peak()
+    run["host_load"]["after"] = _load_average()
     run["memory"] = {
         "monitor": gpu.source if gpu is not None else "process RSS only",
         "gpus": list(gpu.names) if gpu is not None else [],
@@ -1000,11 +1010,13 @@ async def run_benchmark(
     reporter: Reporter | None = None,
     plugins: PluginManager | None = None,
     command: Sequence[str] = (),
+    on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every job and return the result document (``SCHEMA``).
 
     Every backend is detected first, and every model file checked, so that a wrong
-    name or path fails before any measurement (``RocmuxError``).
+    name or path fails before any measurement (``RocmuxError``). ``on_run`` gets the
+    document after each job, so that an interrupted run keeps what it measured.
     """
     from rocmux.manager import get_plugin_manager
     from rocmux.models import check_gguf
@@ -1037,25 +1049,27 @@ async def run_benchmark(
     recorder = LaunchRecorder()
     recorder_name = f"rocmux-bench-{id(recorder)}"
     plugins.register(recorder, name=recorder_name)
-    runs = []
-    try:
-        for job in jobs:
-            runs.append(
-                await bench_job(
-                    job, detected[job.backend], settings, reporter, facts[job.model], gpu, recorder
-                )
-            )
-    finally:
-        plugins.pm.unregister(name=recorder_name)
-        plugins.infos.pop(recorder_name, None)
-    return {
+    doc: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": list(command),
         "settings": settings.to_json(),
         "environment": env,
-        "runs": runs,
+        "runs": [],
     }
+    try:
+        for job in jobs:
+            doc["runs"].append(
+                await bench_job(
+                    job, detected[job.backend], settings, reporter, facts[job.model], gpu, recorder
+                )
+            )
+            if on_run is not None:
+                on_run(doc)
+    finally:
+        plugins.pm.unregister(name=recorder_name)
+        plugins.infos.pop(recorder_name, None)
+    return doc
 
 
 def check_document(doc: Any) -> dict[str, Any]:

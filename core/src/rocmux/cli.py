@@ -445,6 +445,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import functools
     import importlib.util
 
     import anyio
@@ -492,14 +493,21 @@ def _bench(args: argparse.Namespace) -> int:
         load = attrs.evolve(load_config().load, **overrides)
         jobs = benchmark.plan_jobs(models, backends, load, settings, sweep)
         command = ["rocmux", *args.argv]
+        path = args.json_path
+        # Each finished job is saved at once: an interrupted run keeps what it measured.
+        save = None
+        if path not in (None, "-"):
+            save = functools.partial(benchmark_report.write_json, path=path)
+        measure = functools.partial(
+            benchmark.run_benchmark, jobs, settings, command=command, on_run=save
+        )
         if err.is_terminal:
             with benchmark_report.ProgressReporter(err) as reporter:
-                doc = anyio.run(benchmark.run_benchmark, jobs, settings, reporter, None, command)
+                doc = anyio.run(functools.partial(measure, reporter=reporter))
         else:
-            reporter = benchmark_report.LineReporter(err)
-            doc = anyio.run(benchmark.run_benchmark, jobs, settings, reporter, None, command)
-    if args.json_path is not None and args.from_json is None:
-        benchmark_report.write_json(doc, args.json_path)
+            doc = anyio.run(functools.partial(measure, reporter=benchmark_report.LineReporter(err)))
+        if path is not None:
+            benchmark_report.write_json(doc, path)
     table_console = err if args.json_path == "-" else out
     benchmark_report.render_table(doc, table_console)
     if old is not None:
