@@ -551,3 +551,26 @@ async def test_instances_with_requests_waiting_or_in_flight_are_never_chosen(tin
         assert [e["event"] for e in pool.events] == ["wait", "evict"]
     finally:
         await pool.aclose()
+
+
+async def test_a_victim_is_out_of_reach_before_the_monitor_is_read(tiny_model):
+    """Reading the monitor awaits; a request arriving meanwhile must not take the
+    instance being evicted (found by bench/budget.py: an eviction with 2 in flight)."""
+    seen: list[str] = []
+
+    def monitor(devices: tuple[str, ...]) -> int:
+        seen.append(victim.state)
+        return 1 << 30
+
+    limits = Limits(max_loaded=1, memory_budget="1GiB", memory_margin=0)
+    plugins = PluginManager.discover(entry_points=False)
+    pool = ModelPool([tiny(tiny_model)], limits, plugins, memory_probe=monitor)
+    entry = pool.entry("tiny")
+    victim = Instance(key="v", entry=entry, path=tiny_model, backend="t", state="ready")
+    pool.instances["v"] = victim
+    try:
+        await pool._make_room(anyio.current_time() + 1, entry, 0, (), lambda: None)
+    finally:
+        await pool.aclose()
+    assert seen and set(seen) == {"unloading"}
+    assert not pool.instances

@@ -607,6 +607,9 @@ class ModelPool:
         """Unload ``victim``; with a budget, then wait until the monitor shows its memory
         back (half its estimate: what a runtime really frees varies, and mmapped weights
         stay in the page cache on the CPU), or shows room for the load to come."""
+        # Out of reach before the first await: a request that arrives while the monitor
+        # is read must not take an instance that is about to go.
+        victim.state = "unloading"
         before = await self._free(victim.devices) if self.limits.memory_budget else None
         started = anyio.current_time()
         await self._unload(victim, reason)
