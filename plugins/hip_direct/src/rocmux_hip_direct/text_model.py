@@ -9,6 +9,7 @@ when no step is running, else at the end of the running step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
@@ -38,6 +39,8 @@ class HipDirectModel(TextModel):
     tokenizer: Tokenizer
     template: ChatTemplate
     device: str = "cpu"
+    # engine steps per worker-thread trip; a GPU engine takes several (loader.py)
+    burst: int = 1
     _lock: anyio.Lock = attrs.field(factory=anyio.Lock)
     _error: BaseException | None = None
     _closed: bool = False
@@ -124,10 +127,28 @@ class HipDirectModel(TextModel):
             if self._closed:
                 raise ModelClosed("this hip_direct model was closed; load it again")
             try:
-                await anyio.to_thread.run_sync(self.engine.step)
+                await anyio.to_thread.run_sync(self._burst)
             except Exception as exc:
                 self._error = exc
                 raise RuntimeFailure(f"hip_direct failed: {exc}") from exc
+
+    def _burst(self) -> None:
+        """Up to ``burst`` steps in one trip to the worker thread (the trip costs more
+        than a graph-replayed decode step). It ends early at a step that produced some
+        sequence's first token or ended or admitted a sequence, so first tokens and
+        finishes reach their streams at once; otherwise tokens arrive ``burst`` at a time.
+        """
+        engine = self.engine
+        for _ in range(max(1, self.burst)):
+            before = {s.id for s in engine.scheduler.running}
+            started = time.perf_counter()
+            if not engine.step():
+                return
+            running = engine.scheduler.running
+            if {s.id for s in running} != before or any(
+                (s.t_first_token or 0.0) >= started for s in running
+            ):
+                return
 
     async def wait_idle(self) -> None:
         """Wait until no step is running and pending cancellations are applied."""
