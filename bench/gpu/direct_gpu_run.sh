@@ -42,6 +42,8 @@ if [ ! -x "$bin" ] && [ ! -f /tmp/lcb/building ]; then
     " > /dev/null 2>&1 < /dev/null &
 fi
 
+PIN=""  # while building on cores 2-15, the measurements keep to cores 0-1
+[ "$built_here" = 1 ] && PIN="taskset -c 0-1"
 python3 -m pip install -q --no-index --no-deps $WHEELS/*.whl 2>&1 | tail -2
 for d in core plugins/llamacpp_hip plugins/hip_direct; do
     python3 -m pip install -q --no-index --no-deps --no-build-isolation "./$d" 2>&1 | tail -2
@@ -54,7 +56,7 @@ done
 } 2>&1 | tee "$OUT/log.txt"
 
 if [ "${TESTS:-1}" = 1 ]; then
-    taskset -c 0-1 timeout 240 python3 -m pytest -q -p no:cacheprovider -rs \
+    $PIN timeout 240 python3 -m pytest -q -p no:cacheprovider -rs \
         tests/test_hip_direct_fast.py -k "gpu or graph" 2>&1 | tee -a "$OUT/log.txt" | tail -15
 fi
 
@@ -82,7 +84,7 @@ fi
 bench=(python3 bench/direct_gpu.py run --out "$OUT" --log-dir /tmp/dglogs
     --smollm2 $WHEELS/smollm2_skeleton.gguf)
 if [[ $PHASES == *hip* ]]; then
-    taskset -c 0-1 timeout $(($(left) - 30)) "${bench[@]}" --skip-llama $PROFILE \
+    $PIN timeout $(($(left) - 30)) "${bench[@]}" --skip-llama $PROFILE \
         --json hip.json 2>&1 | tee -a "$OUT/log.txt" | grep -v '^ ' | tail -40
 fi
 if [[ $PHASES == *llama* ]]; then
