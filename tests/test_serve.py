@@ -452,9 +452,13 @@ async def test_model_that_cannot_fit_the_budget_alone_is_refused_at_once(default
     entry = ModelEntry(name="smol", path=default_model, load=LoadConfig(context_len=2048))
     async with running([entry], Limits(memory_budget="100MiB")) as (url, pool):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            started = time.monotonic()
             r = await client.post("/v1/completions", json={"model": "smol", "prompt": "x"})
+            assert time.monotonic() - started < 5  # no load attempt: no runtime started
             metrics = (await client.get("/metrics")).text
+            events = (await client.get("/admin/events")).json()["events"]
     assert r.status_code == 507
+    assert events == []
     error = r.json()["error"]
     assert error["code"] == "model_too_large"
     assert "memory budget" in error["message"]
