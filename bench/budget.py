@@ -536,7 +536,10 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     result["settings"] = {k: _shown(v) for k, v in vars(args).items()}
     args.json.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.plot)
+    try:
+        plot(result, args.plot)
+    except ImportError as exc:  # a bare GPU machine: draw it elsewhere with --render-only
+        print(f"no plot ({exc}); run with --render-only where matplotlib is installed")
     s = result["summary"]
     print(json.dumps({k: v for k, v in s.items() if k not in ("failures",)}, indent=1))
     for check, ok in result["checks"].items():
