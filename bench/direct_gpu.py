@@ -608,6 +608,23 @@ def summary(results: dict[str, Any]) -> None:
             )
 
 
+def merge(parts: list[Path], dst: Path) -> None:
+    """Results of separate phases (``--skip-llama`` / ``--skip-hip``) in one file; each
+    phase keeps the copy bandwidth it measured."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        data = json.loads(part.read_text())
+        for key, value in data.items():
+            if isinstance(value, dict) and "file_bytes" in value and key in merged:
+                merged[key].update({k: v for k, v in value.items() if k not in merged[key]})
+            elif key == "copy_bandwidth":
+                merged.setdefault("copy_bandwidth_phases", []).append(value)
+                merged.setdefault(key, value)
+            else:
+                merged.setdefault(key, value)
+    dst.write_text(json.dumps(merged, indent=1))
+
+
 def plot(results_path: Path, png: Path) -> None:
     """Bars: batch-1 decode (with the bound), TTFT and aggregate throughput per model."""
     import matplotlib
@@ -646,7 +663,7 @@ def plot(results_path: Path, png: Path) -> None:
         ax.set_xticks(x, [str(n) for n in conc])
         ax.set_xlabel("concurrent requests")
         ax.set_title("aggregate decode (tokens/s)", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{results['gpu']}, {results['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -671,6 +688,9 @@ def main() -> None:
     s = sub.add_parser("skeleton")
     s.add_argument("dst")
     s.add_argument("--src", help="default: the installed default model")
+    m = sub.add_parser("merge", help="one results file from the hip and llama phases")
+    m.add_argument("parts", nargs="+")
+    m.add_argument("dst")
     q = sub.add_parser("plot")
     q.add_argument("results")
     q.add_argument("png")
@@ -681,6 +701,8 @@ def main() -> None:
         from rocmux.default_model import default_model_path
 
         write_skeleton(Path(args.src) if args.src else default_model_path(), Path(args.dst))
+    elif args.cmd == "merge":
+        merge([Path(p) for p in args.parts], Path(args.dst))
     else:
         plot(Path(args.results), Path(args.png))
 
