@@ -326,7 +326,7 @@ def test_plot_and_table_from_a_saved_run(tmp_path, capsys):
     assert data[:8] == PNG_MAGIC and len(data) > 20_000
     assert f"plot written to {png}" in err
     # The table shows the memory a run added over its baseline.
-    assert "+200.0 MiB RSS" in out and "hip_direct" in out
+    assert "+200 MiB RSS" in out and "hip_direct" in out
     markdown = markdown_table(load_document(saved))
     assert len(markdown.splitlines()) == 2 + 3  # header, rule, three rows
     assert "| m.gguf | llamacpp_hip | 4 | 40.0 |" in markdown

@@ -117,14 +117,16 @@ def peak_memory(level: Mapping[str, Any], memory: Mapping[str, Any]) -> tuple[in
     return rss_peak - rss_base, "RSS"
 
 
-def human_bytes(value: float | None) -> str:
+def human_bytes(value: float | None, mib_digits: int = 1) -> str:
+    """``1.2 GiB``, ``190.3 MiB`` (``mib_digits`` decimals for MiB)."""
     if value is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit in ("B", "KiB") else f"{value:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            digits = mib_digits if unit == "MiB" else 0
+            return f"{value:.{digits}f} {unit}"
         value /= 1024
-    return f"{value:.1f} GiB"
+    return f"{value:.2f} GiB"
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -166,49 +168,79 @@ def summary_line(doc: Mapping[str, Any]) -> str:
     )
 
 
+# (rich header, Markdown header) of the number columns, in order
+NUMBER_COLUMNS = (
+    ("conc", "concurrency"),
+    ("TTFT ms\np50", "TTFT p50 (ms)"),
+    ("TTFT ms\np90", "TTFT p90 (ms)"),
+    ("prefill\ntok/s", "prefill tok/s"),
+    ("decode\ntok/s\n/stream", "decode tok/s per stream (p50)"),
+    ("total\ntok/s", "total tok/s"),
+    ("peak\nmemory\nadded", "peak memory (added)"),
+)
+
+
+def _cells(row: Row, target: int | None) -> tuple[list[str], str]:
+    """The number cells of a row (``NUMBER_COLUMNS``) and its notes."""
+    if row.error is not None:
+        return ["-"] * len(NUMBER_COLUMNS), row.error
+    level = row.level
+    value, kind = peak_memory(level, row.memory)
+    return [
+        str(row.concurrency),
+        _num(level.get("ttft_ms_median")),
+        _num(level.get("ttft_ms_p90")),
+        _num(level.get("prefill_tps"), 0),
+        _num(level.get("decode_tps_median")),
+        _num(level.get("aggregate_tps")),
+        f"+{human_bytes(value, 0)} {kind}" if value is not None else "-",
+    ], _notes(level, target)
+
+
 def render_table(doc: Mapping[str, Any], console: Console) -> None:
-    """The results as a rich table."""
+    """The results as a rich table; numbers are never cut (names fold instead), and a
+    narrow terminal loses the p90 column and the borders."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
     all_rows = rows(doc)
     target = doc.get("settings", {}).get("prompt_tokens")
     with_setting = any(r.setting for r in all_rows)
-    table = Table(title="rocmux bench", caption=summary_line(doc), caption_justify="left")
-    table.add_column("model", overflow="fold")
-    table.add_column("backend")
+    cells = [_cells(row, target) for row in all_rows]
+    narrow = console.width < 120
+    keep = [i for i in range(len(NUMBER_COLUMNS)) if not narrow or i != 2]
+    # One model: its name goes to the title rather than onto every row.
+    models = list(dict.fromkeys(r.model for r in all_rows))
+    one_model = len(models) == 1
+    table = Table(
+        title=f"rocmux bench: {models[0]}" if one_model else "rocmux bench",
+        caption=summary_line(doc),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD,
+        pad_edge=not narrow,
+    )
+    with_notes = any(notes for _, notes in cells)
+    if not one_model:
+        table.add_column("model", overflow="fold")
+    table.add_column("backend", no_wrap=True, min_width=max(len(r.backend) for r in all_rows))
     if with_setting:
-        table.add_column("setting")
-    for name in (
-        "conc",
-        "TTFT ms\np50",
-        "TTFT ms\np90",
-        "prefill\ntok/s",
-        "decode tok/s\nper stream",
-        "total\ntok/s",
-        "peak mem\n(added)",
-    ):
-        table.add_column(name, justify="right")
-    table.add_column("notes", overflow="fold")
-    for row in all_rows:
-        cells = [Text(row.model), Text(row.backend)] + ([Text(row.setting)] if with_setting else [])
-        if row.error is not None:
-            cells += [Text("-")] * 7 + [Text(row.error, style="red")]
-            table.add_row(*cells)
-            continue
-        level = row.level
-        value, kind = peak_memory(level, row.memory)
-        cells += [
-            Text(str(row.concurrency)),
-            Text(_num(level.get("ttft_ms_median"))),
-            Text(_num(level.get("ttft_ms_p90"))),
-            Text(_num(level.get("prefill_tps"), 0)),
-            Text(_num(level.get("decode_tps_median"))),
-            Text(_num(level.get("aggregate_tps"))),
-            Text(f"+{human_bytes(value)} {kind}" if value is not None else "-"),
-            Text(_notes(level, target), style="yellow"),
-        ]
-        table.add_row(*cells)
+        table.add_column("setting", overflow="fold")
+    for i in keep:
+        header = NUMBER_COLUMNS[i][0]
+        width = max([len(part) for part in header.split("\n")] + [len(c[0][i]) for c in cells])
+        table.add_column(header, justify="right", no_wrap=True, min_width=width)
+    if with_notes:
+        table.add_column("notes", overflow="fold")
+    for row, (numbers, notes) in zip(all_rows, cells, strict=True):
+        names = ([] if one_model else [row.model]) + [row.backend]
+        names += [row.setting] if with_setting else []
+        style = "red" if row.error is not None else "yellow"
+        table.add_row(
+            *(Text(n) for n in names),
+            *(Text(numbers[i]) for i in keep),
+            *([Text(notes, style=style)] if with_notes else []),
+        )
     console.print(table)
 
 
@@ -217,42 +249,14 @@ def markdown_table(doc: Mapping[str, Any]) -> str:
     target = doc.get("settings", {}).get("prompt_tokens")
     all_rows = rows(doc)
     with_setting = any(r.setting for r in all_rows)
-    head = ["model", "backend"] + (["setting"] if with_setting else [])
-    head += [
-        "concurrency",
-        "TTFT p50 (ms)",
-        "TTFT p90 (ms)",
-        "prefill tok/s",
-        "decode tok/s per stream (p50)",
-        "total tok/s",
-        "peak memory (added)",
-        "notes",
-    ]
-    lines = [
-        "| " + " | ".join(head) + " |",
-        "|"
-        + "|".join(
-            "---" if i < len(head) - 8 or i == len(head) - 1 else "---:" for i in range(len(head))
-        )
-        + "|",
-    ]
+    names = ["model", "backend"] + (["setting"] if with_setting else [])
+    head = [*names, *(md for _, md in NUMBER_COLUMNS), "notes"]
+    rule = ["---"] * len(names) + ["---:"] * len(NUMBER_COLUMNS) + ["---"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
     for row in all_rows:
-        cells = [row.model, row.backend] + ([row.setting] if with_setting else [])
-        if row.error is not None:
-            cells += ["-"] * 7 + [row.error]
-        else:
-            value, kind = peak_memory(row.level, row.memory)
-            cells += [
-                str(row.concurrency),
-                _num(row.level.get("ttft_ms_median")),
-                _num(row.level.get("ttft_ms_p90")),
-                _num(row.level.get("prefill_tps"), 0),
-                _num(row.level.get("decode_tps_median")),
-                _num(row.level.get("aggregate_tps")),
-                f"+{human_bytes(value)} {kind}" if value is not None else "-",
-                _notes(row.level, target),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
+        numbers, notes = _cells(row, target)
+        parts = [row.model, row.backend] + ([row.setting] if with_setting else [])
+        lines.append("| " + " | ".join([*parts, *numbers, notes]) + " |")
     return "\n".join(lines)
 
 
