@@ -854,7 +854,7 @@ def executable_facts(command: str) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return facts
     lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    facts["executable_version"] = lines[:4]
+    facts["executable_version"] = lines[:8]  # CUDA builds print device lines first
     return facts
 
 
