@@ -14,9 +14,15 @@ from rocmux_hip_direct.chat_template import ChatTemplate, TemplateError  # noqa:
 from rocmux_hip_direct.dequant import block_mins, dequantize  # noqa: E402
 from rocmux_hip_direct.gguf_file import GGUFFile  # noqa: E402
 from rocmux_hip_direct.kv_cache import BlockAllocator, OutOfBlocks, PageTable  # noqa: E402
+from rocmux_hip_direct.model import apply_rope  # noqa: E402
 from rocmux_hip_direct.numerics import (  # noqa: E402
+    BlockWeight,
+    cos_sin_f32,
+    div,
+    ggml_block_matmul,
     ggml_dot_f16,
     ggml_expf,
+    glibc_expf,
     quantize_q8_32,
     quantize_q8_k,
 )
@@ -106,6 +112,152 @@ def test_q8_activation_rounding_lies_on_the_block_grid():
     assert sums.shape == (3, 4)
     k_hat = quantize_q8_k(torch.randn(2, 512))
     assert k_hat.shape == (2, 512)
+
+
+F32 = np.float32
+
+
+def _q8_1_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_row_q8_1 (x86), one float32 operation at a time: quants, fp16 d, fp16 s."""
+    qs, ds, ss = [], [], []
+    for block in x.reshape(-1, 32).astype(F32):
+        amax = F32(np.abs(block).max())
+        d = F32(amax / F32(127))
+        inv = F32(F32(127) / amax) if amax != 0 else F32(0)
+        q = np.rint((block * inv).astype(F32))  # _mm256_round_ps: half to even
+        qs.append(q)
+        ds.append(np.float16(d))
+        ss.append(np.float16(F32(d * F32(q.sum()))))
+    return np.array(qs), np.array(ds), np.array(ss)
+
+
+def test_q8_1_activation_quantizer_matches_ggml_formula():
+    x = RNG.standard_normal((6, 96)).astype(F32) * 3
+    x[0, 0] = 40.0  # an outlier: the block's other values round to a few levels
+    q, d, s = _q8_1_reference(x)
+    x_hat, sums = quantize_q8_32(torch.from_numpy(x))
+    expected = (q * d.astype(F32)[:, None]).reshape(x.shape)
+    np.testing.assert_array_equal(x_hat.numpy(), expected)
+    np.testing.assert_array_equal(sums.numpy().reshape(-1), s.astype(F32))
+
+
+def test_q8_rounding_on_ties_and_single_divisions():
+    # amax 127 gives id = 1: 2.5 -> 2 and 3.5 -> 4 (ties to even), -0.5 -> -0.
+    block = np.zeros(32, dtype=F32)
+    block[:4] = [127.0, 2.5, 3.5, -0.5]
+    x_hat, _ = quantize_q8_32(torch.from_numpy(block))
+    assert x_hat[:4].tolist() == [127.0, 2.0, 4.0, -0.0]
+    # From the default model: x * (127/amax) is 27.5 in float32 with one division;
+    # torch's 127.0 / tensor (reciprocal times 127) gives 27.499998 and rounds to 27.
+    block = np.full(32, 0.01, dtype=F32)
+    block[0], block[1] = 0.49766236543655396, 0.10776153206825256
+    x_hat, _ = quantize_q8_32(torch.from_numpy(block))
+    d = float(np.float16(F32(block[0]) / F32(127)))
+    assert x_hat[1].item() == F32(28 * d)
+    a = torch.from_numpy(RNG.uniform(1e-3, 10.0, 4096).astype(F32))
+    np.testing.assert_array_equal(div(127.0, a).numpy(), F32(127) / a.numpy())
+    np.testing.assert_array_equal(div(a, 127.0).numpy(), a.numpy() / F32(127))
+
+
+def test_q8_k_quantizer_matches_ggml_reference():
+    x = RNG.standard_normal((2, 512)).astype(F32)
+    x[1, 300] = -9.0  # the block maximum is negative: the scale is -127/max
+    expected = []
+    for block in x.reshape(-1, 256):
+        mx = block[np.argmax(np.abs(block))]  # first of equal maxima, as the C loop
+        iscale = F32(F32(-127) / mx)
+        q = np.minimum(np.rint((block * iscale).astype(F32)), 127)  # nearest_int
+        expected.append(q * F32(F32(1) / iscale))
+    np.testing.assert_array_equal(
+        quantize_q8_k(torch.from_numpy(x)).numpy().reshape(-1, 256), expected
+    )
+
+
+def _dot_reference(x: np.ndarray, w: BlockWeight) -> np.ndarray:
+    """ggml_vec_dot_q4_1_q8_1 (AVX2 build, FMA contraction) for one row, element by
+    element: 8 fma accumulators, hsum_float_8, the minimum term by fma."""
+    q, d, s = _q8_1_reference(x)
+    wq = w.q.permute(3, 1, 2, 0).reshape(w.out_features, -1).numpy()  # (out, K) quants
+    wd, wm = w.d.numpy(), None if w.m is None else w.m.numpy()
+    out = np.empty(w.out_features, dtype=F32)
+    for o in range(w.out_features):
+        acc = np.zeros(8, dtype=F32)
+        summs = F32(0)
+        for b in range(w.n_blocks):
+            scale = F32(wd[b, o] * F32(d[b]))
+            for lane in range(8):
+                cols = slice(b * 32 + lane * 4, b * 32 + lane * 4 + 4)
+                dot = float(np.dot(wq[o, cols].astype(np.float64), q[b, lane * 4 : lane * 4 + 4]))
+                acc[lane] = F32(float(scale) * dot + float(acc[lane]))  # fma: one rounding
+            if wm is not None:
+                summs = F32(float(wm[b, o]) * float(F32(s[b])) + float(summs))
+        hsum = F32(
+            F32(F32(acc[0] + acc[4]) + F32(acc[2] + acc[6]))
+            + F32(F32(acc[1] + acc[5]) + F32(acc[3] + acc[7]))
+        )
+        out[o] = F32(hsum + summs)
+    return out
+
+
+def test_block_matmul_rounds_like_ggml_vec_dot_q4_1_q8_1():
+    rows, cols = 5, 128
+    raw = _quantized(Q.Q4_1, rows, cols)
+    w = BlockWeight(Q.Q4_1, torch.from_numpy(raw), rows)
+    x = RNG.standard_normal((3, cols)).astype(F32)
+    ours = ggml_block_matmul(torch.from_numpy(x), w).numpy()
+    for i in range(3):
+        np.testing.assert_array_equal(ours[i], _dot_reference(x[i], w))
+    # Stacked weights (Q/K/V in one product) give the same numbers as each alone.
+    raw2 = _quantized(Q.Q4_1, 3, cols)
+    w2 = BlockWeight(Q.Q4_1, torch.from_numpy(raw2), 3)
+    both = ggml_block_matmul(torch.from_numpy(x), BlockWeight.concat([w, w2])).numpy()
+    np.testing.assert_array_equal(both[:, :rows], ours)
+    np.testing.assert_array_equal(both[:, rows:], ggml_block_matmul(torch.from_numpy(x), w2))
+
+
+def _libm_or_skip():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("m")
+    if name is None or "libm.so.6" not in name:
+        pytest.skip("glibc's libm is not available")
+    lib = ctypes.CDLL(name)
+    lib.expf.restype = ctypes.c_float
+    lib.expf.argtypes = [ctypes.c_float]
+    lib.cosf.restype = ctypes.c_float
+    lib.cosf.argtypes = [ctypes.c_float]
+    return lib
+
+
+def test_glibc_expf_is_bit_exact():
+    libm = _libm_or_skip()
+    x = np.concatenate(
+        [RNG.uniform(-30, 0, 20000), RNG.uniform(-104, 89, 20000), [0.0, -1e-30, 88.7, -103.9]]
+    ).astype(F32)
+    expected = np.array([libm.expf(float(v)) for v in x], dtype=F32)
+    np.testing.assert_array_equal(glibc_expf(torch.from_numpy(x)).numpy(), expected)
+    # Correct rounding would not do: glibc's polynomial is off by an ulp now and then.
+    rounded = torch.exp(torch.from_numpy(x).double()).float().numpy()
+    assert (rounded != expected).sum() > 0
+    edge = glibc_expf(torch.tensor([float("-inf"), -200.0, 100.0]))
+    assert edge.tolist() == [0.0, 0.0, float("inf")]
+
+
+def test_rope_angles_and_rotation_as_ggml_computes_them():
+    libm = _libm_or_skip()
+    angles = torch.from_numpy(RNG.uniform(0, 500, 257).astype(F32))
+    cos, _ = cos_sin_f32(angles)
+    np.testing.assert_array_equal(cos.numpy(), [libm.cosf(float(a)) for a in angles])
+    # rotate_pairs with FMA contraction: fma(x0, c, -(x1*s)), fma(x0, s, x1*c).
+    x = torch.from_numpy(RNG.standard_normal((4, 2, 8)).astype(F32))
+    cs = torch.from_numpy(RNG.uniform(-1, 1, (4, 4, 2)).astype(F32))
+    ours = apply_rope(x, cs, "normal", 8, fused=True).numpy()
+    x0, x1 = x.numpy()[..., 0::2].astype(np.float64), x.numpy()[..., 1::2].astype(np.float64)
+    c = cs.numpy()[:, None, :, 0].astype(np.float64)
+    s = cs.numpy()[:, None, :, 1].astype(np.float64)
+    np.testing.assert_array_equal(ours[..., 0::2], (x0 * c - (x1 * s).astype(F32)).astype(F32))
+    np.testing.assert_array_equal(ours[..., 1::2], (x0 * s + (x1 * c).astype(F32)).astype(F32))
 
 
 def test_ggml_expf_and_dot_are_close_to_exact():

@@ -28,9 +28,11 @@ from rocmux_hip_direct.numerics import (
     BlockWeight,
     Numerics,
     act_quant_for,
+    cos_sin_f32,
     fa_f16_attention,
     ggml_block_matmul,
     ggml_swiglu,
+    powf,
     round_activations,
 )
 
@@ -82,6 +84,44 @@ class Layer:
     w_down: Linear
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    # llama.cpp mode: Q/K/V and gate/up stacked, each pair of one input computed in
+    # one exact block product (fewer sequential steps, the same numbers).
+    qkv: BlockWeight | None = None
+    gate_up: BlockWeight | None = None
+
+    def fuse_blocks(self) -> None:
+        """Stack the block weights that share an input, where their types agree."""
+        for name, parts in (
+            ("qkv", (self.wq, self.wk, self.wv)),
+            ("gate_up", (self.w_gate, self.w_up)),
+        ):
+            blocks = [p.blocks for p in parts]
+            if all(b is not None for b in blocks) and len({b.qtype for b in blocks if b}) == 1:
+                setattr(self, name, BlockWeight.concat([b for b in blocks if b is not None]))
+                for part in parts:
+                    part.blocks = None
+
+    def project_qkv(
+        self, h: torch.Tensor, emulate: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K and V of ``h``."""
+        if not emulate or self.qkv is None:
+            return self.wq(h, emulate), self.wk(h, emulate), self.wv(h, emulate)
+        sizes = [lin.weight.shape[0] for lin in (self.wq, self.wk, self.wv)]
+        outs = ggml_block_matmul(h, self.qkv).split(sizes, dim=-1)
+        return tuple(  # type: ignore[return-value]
+            y + lin.bias if lin.bias is not None else y
+            for y, lin in zip(outs, (self.wq, self.wk, self.wv), strict=True)
+        )
+
+    def gate_and_up(self, h: torch.Tensor, emulate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections of ``h``."""
+        if not emulate or self.gate_up is None:
+            return self.w_gate(h, emulate), self.w_up(h, emulate)
+        gate, up = ggml_block_matmul(h, self.gate_up).split(
+            [self.w_gate.weight.shape[0], self.w_up.weight.shape[0]], dim=-1
+        )
+        return gate, up
 
 
 @attrs.define(eq=False)
@@ -98,14 +138,23 @@ class SeqBatch:
     ctx_slots: torch.Tensor
 
 
-def rope_cache(hp: HParams, n_pos: int, freq_factors: torch.Tensor | None) -> torch.Tensor:
+def rope_cache(
+    hp: HParams, n_pos: int, freq_factors: torch.Tensor | None, libm: bool = False
+) -> torch.Tensor:
     """(n_pos, rope_dims/2, 2) cos/sin, computed as ggml_rope_cache_init does.
 
     ggml advances theta by repeated float32 multiplication, so this does too: the
-    angles then match llama.cpp's to the last bit instead of to a few ulps.
+    angles then match llama.cpp's to the last bit instead of to a few ulps. With
+    ``libm`` the C library's ``powf``/``cosf``/``sinf`` give the values themselves
+    (glibc's are not correctly rounded; llama.cpp uses them).
     """
     half = hp.rope_dims // 2
-    theta_scale = torch.tensor(hp.rope_base, dtype=torch.float64).pow(-2.0 / hp.rope_dims).float()
+    # powf(freq_base, -2.0f/n_dims): the exponent is a float too.
+    exponent = float(np.float32(-2.0) / np.float32(hp.rope_dims))
+    if libm:
+        theta_scale = torch.tensor(powf(hp.rope_base, exponent), dtype=torch.float32)
+    else:
+        theta_scale = torch.tensor(hp.rope_base, dtype=torch.float64).pow(exponent).float()
     pos = torch.arange(n_pos, dtype=torch.float32)
     thetas = torch.empty(n_pos, half, dtype=torch.float32)
     theta = pos.clone()
@@ -126,10 +175,11 @@ def rope_cache(hp: HParams, n_pos: int, freq_factors: torch.Tensor | None) -> to
         mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
     else:
         angles = theta_interp
-    # cosf/sinf correctly rounded: computed in double, rounded once.
-    cos = angles.double().cos().float() * mscale
-    sin = angles.double().sin().float() * mscale
-    return torch.stack((cos, sin), dim=-1)
+    if libm:
+        cos, sin = cos_sin_f32(angles)
+    else:  # correctly rounded: computed in double, rounded once
+        cos, sin = angles.double().cos().float(), angles.double().sin().float()
+    return torch.stack((cos * mscale, sin * mscale), dim=-1)
 
 
 def _yarn_corr_dims(hp: HParams) -> tuple[float, float]:
@@ -145,17 +195,32 @@ def _yarn_corr_dims(hp: HParams) -> tuple[float, float]:
     return max(0.0, start), min(hp.rope_dims - 1.0, end)
 
 
-def apply_rope(x: torch.Tensor, cs: torch.Tensor, mode: str, n_dims: int) -> torch.Tensor:
-    """Rotate the first ``n_dims`` of each head of ``x`` (T, H, D) by ``cs`` (T, n_dims/2, 2)."""
+def apply_rope(
+    x: torch.Tensor, cs: torch.Tensor, mode: str, n_dims: int, fused: bool = False
+) -> torch.Tensor:
+    """Rotate the first ``n_dims`` of each head of ``x`` (T, H, D) by ``cs`` (T, n_dims/2, 2).
+
+    ``fused``: float32 as ggml's ``rotate_pairs`` compiles with FMA contraction (GCC's
+    default): ``fma(x0, cos, -(x1*sin))`` and ``fma(x0, sin, x1*cos)``, the first
+    product exact and one rounding for the sum.
+    """
     cos = cs[..., 0].unsqueeze(1).to(x.dtype)
     sin = cs[..., 1].unsqueeze(1).to(x.dtype)
     rot, rest = x[..., :n_dims], x[..., n_dims:]
     if mode == "normal":  # adjacent pairs (x[2i], x[2i+1])
         x0, x1 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
     else:  # neox: halves (x[i], x[i + n_dims/2])
         x0, x1 = rot[..., : n_dims // 2], rot[..., n_dims // 2 :]
-        out = torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    if fused:
+        x0d = x0.double()
+        y0 = (x0d * cos.double() - (x1 * sin).double()).float()
+        y1 = (x0d * sin.double() + (x1 * cos).double()).float()
+    else:
+        y0, y1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+    if mode == "normal":
+        out = torch.stack((y0, y1), dim=-1).flatten(-2)
+    else:
+        out = torch.cat((y0, y1), dim=-1)
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
@@ -215,7 +280,10 @@ class LlamaModel:
             assert t is not None
             return t
 
-        def linear(name: str, bias: str | None = None) -> Linear:
+        def linear(name: str, bias: str | None = None, exact: bool = True) -> Linear:
+            """``exact``: keep integer blocks for ggml's summation order (the layers,
+            whose outputs are rounded again; the output head only needs the rounded
+            activations)."""
             info = gguf.tensors.get(name)
             if info is None:
                 raise UnsupportedModel(f"the GGUF lacks tensor {name}")
@@ -228,7 +296,7 @@ class LlamaModel:
             act = act_quant_for(info.qtype) if emulate else None
             b = get(bias, False) if bias else None
             blocks = None
-            if emulate and info.qtype in BLOCK_TYPES:
+            if emulate and exact and info.qtype in BLOCK_TYPES:
                 data = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True)).to(device)
                 blocks = BlockWeight(info.qtype, data, info.shape[0])
             return Linear(weight, b, act, mins, blocks)
@@ -252,18 +320,20 @@ class LlamaModel:
                     k_norm=get(p + "attn_k_norm.weight", False),
                 )
             )
+            if emulate:
+                layers[-1].fuse_blocks()
         output_norm = need("output_norm.weight")
         if "output.weight" in gguf.tensors:
-            output = linear("output.weight")
+            output = linear("output.weight", exact=False)
         else:  # tied embeddings: the output head is token_embd
             info = gguf.tensors["token_embd.weight"]
-            if emulate and (info.qtype in MIN_OFFSET or info.qtype in BLOCK_TYPES):
-                output = linear("token_embd.weight")
+            if emulate and info.qtype in MIN_OFFSET:
+                output = linear("token_embd.weight", exact=False)
             else:
                 act = act_quant_for(info.qtype) if emulate else None
                 output = Linear(tok_embd, None, act)
         freq_factors = get("rope_freqs.weight", False)
-        rope = rope_cache(hp, max(n_ctx, 1), freq_factors)
+        rope = rope_cache(hp, max(n_ctx, 1), freq_factors, libm=emulate)
         return cls(hp, tok_embd, layers, output_norm, output, rope, device, dtype, numerics)
 
     def unload(self) -> None:
@@ -279,7 +349,13 @@ class LlamaModel:
         in double on a CPU), returned in the compute dtype."""
         x = x.float()
         var = (x * x).to(self._norm_dtype).mean(-1, keepdim=True).float()
-        scale = 1.0 / torch.sqrt(var + self.hp.norm_eps)
+        if self.numerics == "llamacpp":
+            # sqrtf is correctly rounded; torch's float32 sqrt is not (one ulp off in
+            # about 15% of cases), its double sqrt rounded to float is.
+            root = torch.sqrt((var + self.hp.norm_eps).double()).float()
+        else:
+            root = torch.sqrt(var + self.hp.norm_eps)
+        scale = 1.0 / root
         return (x * scale * weight.float()).to(self.dtype)
 
     @torch.inference_mode()
@@ -306,15 +382,16 @@ class LlamaModel:
         cs = self.rope[positions]
         for il, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.attn_norm)
-            q = layer.wq(h, emulate).view(n_tok, hp.n_head, hp.head_dim)
-            k = layer.wk(h, emulate).view(n_tok, hp.n_head_kv, hp.head_dim)
-            v = layer.wv(h, emulate).view(n_tok, hp.n_head_kv, hp.head_dim_v)
+            q, k, v = layer.project_qkv(h, emulate)
+            q = q.view(n_tok, hp.n_head, hp.head_dim)
+            k = k.view(n_tok, hp.n_head_kv, hp.head_dim)
+            v = v.view(n_tok, hp.n_head_kv, hp.head_dim_v)
             if layer.q_norm is not None:
                 q = self._rms_norm(q, layer.q_norm)
             if layer.k_norm is not None:
                 k = self._rms_norm(k, layer.k_norm)
-            q = apply_rope(q, cs, hp.rope_mode, hp.rope_dims)
-            k = apply_rope(k, cs, hp.rope_mode, hp.rope_dims)
+            q = apply_rope(q, cs, hp.rope_mode, hp.rope_dims, fused=emulate)
+            k = apply_rope(k, cs, hp.rope_mode, hp.rope_dims, fused=emulate)
             k_cache[il, slots] = k.to(k_cache.dtype)
             v_cache[il, slots] = v.to(v_cache.dtype)
             if emulate:
@@ -324,7 +401,7 @@ class LlamaModel:
             x = x + layer.wo(attn, emulate).float()
             h = self._rms_norm(x, layer.ffn_norm)
             if emulate:
-                ff = ggml_swiglu(layer.w_gate(h, emulate), layer.w_up(h, emulate)).to(h.dtype)
+                ff = ggml_swiglu(*layer.gate_and_up(h, emulate)).to(h.dtype)
             else:
                 ff = F.silu(layer.w_gate(h, emulate)) * layer.w_up(h, emulate)
             x = x + layer.w_down(ff, emulate).float()

@@ -10,14 +10,34 @@ llama.cpp's CPU backend does not compute in plain float32:
 * flash attention (on by default) rounds Q to fp16 and, for fewer than 64 queries,
   accumulates softmax(QK)·V in an fp16 buffer that is rounded after every key.
 
-``mode="llamacpp"`` reproduces these steps; ``mode="fast"`` computes in the compute
-dtype. The tests and ``bench/hip_direct_parity.py`` measure both.
+Rounding the activations is not enough: with this model's outlier features an
+activation block's 8-bit rounding flips on a one-ulp change of its input, and each
+flip moves the logits by up to hundredths. ``mode="llamacpp"`` therefore reproduces
+the x86 (AVX2/AVX-512, GCC, glibc) build bit for bit where it matters: the
+quantizers' single float divisions, the Q4_0/Q4_1/Q8_0 dot products' lane order and
+fused multiply-adds, RMSNorm's correctly rounded ``sqrtf``, RoPE's contracted
+``x0*cos - x1*sin`` with glibc's ``cosf``/``sinf``, flash attention with glibc's
+``expf``, and ggml's own ``expf`` in SwiGLU. Checked op by op against the tensors
+llama.cpp computes for the default model (SmolLM2-135M Q4_1): every layer's output
+is identical; the output head (Q8_0) differs by ~1e-5 in the logits, being summed
+in another order. Not reproduced: prompts of 64 or more tokens in one batch (ggml's
+tiled float32 attention), decode steps once more than 256 tokens are cached (the
+KV view is padded to 512 and ggml splits the keys across threads), and the other
+weight types' kernels (repacked Q4_0, K-quants' tiled products: their activations
+are rounded, their sums are not ordered as ggml's).
+
+``mode="fast"`` computes in the compute dtype. The tests and
+``bench/hip_direct_parity.py`` measure both.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from typing import Literal
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
@@ -48,6 +68,22 @@ _Q8_K_TYPES = {
 FA_TILE_Q = 64
 
 
+def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """``a / b`` rounded once, as C's float division.
+
+    torch divides by a Python or 0-d scalar as a multiplication by its reciprocal, and
+    ``scalar / tensor`` is ``reciprocal(tensor) * scalar``: two roundings, one ulp off
+    in about a fifth of cases. ggml's ``amax / 127`` and ``127 / amax`` are single
+    divisions, and a one-ulp error in them flips Q8 roundings that sit on a half.
+    """
+    if not isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor)
+        a = torch.full_like(b, a)
+    elif not isinstance(b, torch.Tensor) or b.dim() == 0:
+        b = torch.full_like(a, float(b))
+    return torch.div(a, b)
+
+
 def act_quant_for(qtype: Q) -> ActQuant | None:
     """How llama.cpp's CPU backend rounds activations multiplied by a ``qtype`` weight."""
     if qtype in _Q8_0_TYPES:
@@ -71,8 +107,8 @@ def quantize_q8_32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shape = x.shape
     blocks = x.float().reshape(-1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    d = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    d = div(amax, 127.0)
+    inv = torch.where(amax > 0, div(127.0, amax), torch.zeros_like(amax))
     q = torch.round(blocks * inv)  # round half to even, as _mm256_round_ps
     x_hat = (q * d.half().float()).reshape(shape)
     s = (d * q.sum(-1, keepdim=True)).half().float()
@@ -86,9 +122,9 @@ def quantize_q8_k(x: torch.Tensor) -> torch.Tensor:
     idx = blocks.abs().argmax(-1, keepdim=True)  # first of equal maxima, as the C loop
     mx = torch.gather(blocks, -1, idx)
     nonzero = mx != 0
-    iscale = torch.where(nonzero, -127.0 / mx, torch.zeros_like(mx))
+    iscale = torch.where(nonzero, div(-127.0, mx), torch.zeros_like(mx))
     q = torch.round(blocks * iscale).clamp(max=127)
-    d = torch.where(nonzero, 1.0 / iscale, torch.zeros_like(mx))
+    d = torch.where(nonzero, div(1.0, iscale), torch.zeros_like(mx))
     return (q * d).reshape(shape).to(x.dtype)
 
 
@@ -105,9 +141,97 @@ def round_activations(x: torch.Tensor, kind: ActQuant) -> tuple[torch.Tensor, to
     return x.bfloat16().to(x.dtype), None
 
 
-def _expf(x: torch.Tensor) -> torch.Tensor:
-    """expf correctly rounded (computed in double), as glibc's expf returns it."""
-    return torch.exp(x.double()).float()
+@functools.cache
+def _libm() -> ctypes.CDLL | None:
+    """The C math library llama.cpp links (glibc's on Linux), if it can be loaded."""
+    name = ctypes.util.find_library("m")
+    if name is None:
+        return None
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return None
+    for fn, n_args in (("cosf", 1), ("sinf", 1), ("powf", 2)):
+        getattr(lib, fn).restype = ctypes.c_float
+        getattr(lib, fn).argtypes = [ctypes.c_float] * n_args
+    return lib
+
+
+def powf(x: float, y: float) -> float:
+    """C's ``powf`` of two floats: libm's when loadable, else correctly rounded."""
+    xf, yf = float(np.float32(x)), float(np.float32(y))
+    lib = _libm()
+    if lib is not None:
+        return float(lib.powf(xf, yf))
+    return float(np.float32(xf**yf))
+
+
+def cos_sin_f32(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cosf``/``sinf`` of float32 ``angles``, from libm as ggml_rope_cache_init calls them.
+
+    glibc's cosf/sinf are not correctly rounded: about 1% of their results differ by
+    one ulp from ``cos`` in double rounded to float, and RoPE's Q/K carry that into
+    the fp16 K cache and the flash-attention dot products. Without libm: the double
+    result, rounded.
+    """
+    lib = _libm()
+    flat = angles.float().cpu().reshape(-1)
+    if lib is None:
+        return flat.double().cos().float().view_as(angles), flat.double().sin().float().view_as(
+            angles
+        )
+    values = flat.tolist()
+    cos = torch.tensor([lib.cosf(v) for v in values], dtype=torch.float32)
+    sin = torch.tensor([lib.sinf(v) for v in values], dtype=torch.float32)
+    return cos.view_as(angles), sin.view_as(angles)
+
+
+# glibc's expf (sysdeps/ieee754/flt-32/e_expf.c, EXP2F_TABLE_BITS = 5): the table holds
+# asuint64(2^(i/32)) - (i << 47); the constants are __exp2f_data's, scaled by N = 32.
+_EXPF_N = 32
+_EXPF_INVLN2N = float.fromhex("0x1.71547652b82fep+0") * _EXPF_N
+_EXPF_C = (
+    float.fromhex("0x1.c6af84b912394p-5") / _EXPF_N**3,
+    float.fromhex("0x1.ebfce50fac4f3p-3") / _EXPF_N**2,
+    float.fromhex("0x1.62e42ff0c52d6p-1") / _EXPF_N,
+)
+_EXPF_OVERFLOW = float.fromhex("0x1.62e42ep6")  # above: +inf
+_EXPF_UNDERFLOW = float.fromhex("-0x1.9fe368p6")  # below: 0
+
+
+@functools.cache
+def _expf_table() -> tuple[int, ...]:
+    import decimal
+
+    ctx = decimal.Context(prec=60)
+    table = []
+    for i in range(_EXPF_N):
+        value = float(ctx.power(decimal.Decimal(2), ctx.divide(decimal.Decimal(i), _EXPF_N)))
+        bits = int(np.array([value], dtype=np.float64).view(np.int64)[0])
+        table.append(bits - (i << 47))
+    return tuple(table)
+
+
+def glibc_expf(x: torch.Tensor) -> torch.Tensor:
+    """glibc's ``expf`` (what llama.cpp's flash attention calls), bit for bit.
+
+    It evaluates a degree-3 polynomial in double and rounds once to float, so it
+    is not correctly rounded: about 0.06% of its results differ by one ulp from
+    ``exp`` in double rounded to float. The FMA build contracts some steps; that
+    changes the double result in its last bit, which the rounding to float absorbs.
+    """
+    xd = x.double()
+    z = _EXPF_INVLN2N * xd
+    kd = torch.round(z)  # z + 0x1.8p52 - 0x1.8p52: to nearest, ties to even
+    ki = kd.long()
+    r = z - kd
+    table = torch.tensor(_expf_table(), dtype=torch.int64, device=x.device)
+    scale = (table[ki & (_EXPF_N - 1)] + (ki << 47)).view(torch.float64)  # 2^(k/N)
+    c0, c1, c2 = _EXPF_C
+    y = (c2 * r + 1.0) + (c0 * r + c1) * (r * r)
+    out = (y * scale).float()
+    out = torch.where(xd > _EXPF_OVERFLOW, torch.full_like(out, float("inf")), out)
+    return torch.where(xd < _EXPF_UNDERFLOW, torch.zeros_like(out), out)
 
 
 def ggml_dot_f16(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -141,35 +265,74 @@ def fa_f16_attention(
     """ggml's CPU flash attention for F16 K/V (``flash_attn_ext_f16_one_chunk``).
 
     ``q`` (B, H, n, D) float, ``k``/``v`` (B, H, L, D) holding fp16 values, ``mask``
-    (B, 1|H, n, L) true where a key is visible. Keys are visited in order with an
-    online softmax; the V accumulator is fp16, rounded after each fused multiply-add
-    and each rescale, exactly as ``ggml_vec_mad_f16``/``ggml_vec_scale_f16`` do.
+    (B, 1|H, n, L) true where a key is visible. ggml visits the keys in order with an
+    online softmax: on a new maximum it scales the fp16 accumulator by
+    ``expf(M_old - s)``, otherwise it weighs the key by ``expf(s - M)``; the value
+    row is added with one fused multiply-add per element, rounded to fp16
+    (``ggml_vec_mad_f16``), and the sum ``S = S*ms + vs`` is one contracted fma.
+
+    Everything that does not depend on the accumulator (scores, running maxima,
+    both exponentials, the products ``v*vs``) is computed for all keys at once;
+    only the accumulator and ``S`` are carried key by key.
     """
     scores = ggml_dot_f16(q.half().float(), k.float()) * scale  # (B, H, n, L), float32
     visible = mask.expand_as(scores)
-    b, h, n, length = scores.shape
-    dv = v.shape[-1]
-    acc = torch.zeros(b, h, n, dv, dtype=torch.float16, device=q.device)
-    m = torch.full((b, h, n), float("-inf"), device=q.device)
-    s_sum = torch.zeros(b, h, n, device=q.device)
-    v64 = v.double()
-    one = torch.ones((), device=q.device)
-    for ic in range(length):
-        s = scores[..., ic]
-        valid = visible[..., ic]
-        new_max = valid & (s > m)
-        ms = torch.where(new_max, _expf(m - s), one)
-        vs = torch.where(new_max, one, _expf(s - m))
-        vs = torch.where(valid, vs, torch.zeros_like(vs))
-        scaled = (acc.float() * ms.unsqueeze(-1)).half()
-        acc = torch.where(new_max.unsqueeze(-1), scaled, acc)
-        # fma(v, vs, acc) in float32, then stored as fp16.
-        fused = (acc.double() + v64[..., ic : ic + 1, :] * vs.double().unsqueeze(-1)).float()
-        acc = torch.where(valid.unsqueeze(-1), fused.half(), acc)
-        m = torch.where(new_max, s, m)
-        s_sum = _fma(s_sum, ms, vs)  # GCC may contract S*ms + vs into an fma
+    neg_inf = torch.full_like(scores, float("-inf"))
+    s = torch.where(visible, scores, neg_inf)
+    running = torch.cummax(s, dim=-1).values
+    m_old = torch.cat((neg_inf[..., :1], running[..., :-1]), dim=-1)  # M before each key
+    new_max = visible & (s > m_old)
+    one = torch.ones_like(scores)
+    ms = torch.where(new_max, glibc_expf(m_old - s), one)
+    vs = torch.where(new_max, one, glibc_expf(s - m_old))
+    vs = torch.where(visible, vs, torch.zeros_like(vs))
+    # v*vs is exact in double (11 x 24 bits); adding the fp16 accumulator and
+    # rounding to float once is the fma.
+    prod = v.double().unsqueeze(2) * vs.double().unsqueeze(-1)  # (B, H, n, L, D)
+    rescale = new_max.any(dim=(0, 1, 2)).tolist()  # keys where some row scales
+    if q.device.type == "cpu":
+        out = _fa_loop_numpy(prod.numpy(), ms.numpy(), vs.numpy(), rescale)
+        acc, s_sum = torch.from_numpy(out[0]), torch.from_numpy(out[1])
+    else:
+        acc, s_sum = _fa_loop_torch(prod, ms, vs, rescale)
     inv = torch.where(s_sum == 0, torch.zeros_like(s_sum), 1.0 / s_sum)
     return acc.float() * inv.unsqueeze(-1)
+
+
+def _fa_loop_numpy(
+    prod: np.ndarray, ms: np.ndarray, vs: np.ndarray, rescale: list[bool]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The key-by-key part of :func:`fa_f16_attention`, in numpy (cheaper calls)."""
+    shape = prod.shape[:3] + prod.shape[4:]
+    acc = np.zeros(shape, dtype=np.float16)
+    acc32 = np.empty(shape, dtype=np.float32)
+    s_sum = np.zeros(shape[:3], dtype=np.float32)
+    s64 = np.empty(shape[:3], dtype=np.float64)
+    ms64 = ms.astype(np.float64)
+    for ic, scaled in enumerate(rescale):
+        if scaled:  # ggml_vec_scale_f16: float product, rounded to fp16
+            np.multiply(acc, ms[..., ic, None], out=acc32)
+            acc[...] = acc32
+        np.add(acc, prod[..., ic, :], out=acc32, casting="unsafe")  # one rounding
+        acc[...] = acc32
+        np.multiply(s_sum, ms64[..., ic], out=s64)  # exact
+        np.add(s64, vs[..., ic], out=s_sum, casting="unsafe")
+    return acc, s_sum
+
+
+def _fa_loop_torch(
+    prod: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, rescale: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_fa_loop_numpy` with torch operations (other devices)."""
+    b, h, n, _, d = prod.shape
+    acc = torch.zeros(b, h, n, d, dtype=torch.float16, device=prod.device)
+    s_sum = torch.zeros(b, h, n, device=prod.device)
+    for ic, scaled in enumerate(rescale):
+        if scaled:
+            acc = (acc.float() * ms[..., ic, None]).half()
+        acc = (acc.double() + prod[..., ic, :]).float().half()
+        s_sum = (s_sum.double() * ms[..., ic].double() + vs[..., ic].double()).float()
+    return acc, s_sum
 
 
 def _h(literal: str) -> float:
@@ -217,12 +380,18 @@ def ggml_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class BlockWeight:
     """A Q4_0/Q4_1/Q8_0 matrix kept as integer quants and block scales, for
-    :func:`ggml_block_matmul`: the bytes llama.cpp's dot products read."""
+    :func:`ggml_block_matmul`: the numbers llama.cpp's dot products read.
+
+    ``q`` is laid out (4, n_blocks, 8, out): quant ``j`` of the group of four that
+    SIMD lane ``l`` of block ``b`` sums, for every output row (contiguous, so the
+    lane products broadcast over long rows); ``d`` and ``m`` are (n_blocks, out).
+    """
 
     def __init__(self, qtype: Q, raw: torch.Tensor, out_features: int) -> None:
         blocks = raw.reshape(-1, {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34}[qtype])
         self.qtype = qtype
-        self.d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(out_features, -1)
+        d = blocks[:, :2].contiguous().view(torch.float16).float().reshape(out_features, -1)
+        self.d = d.T.contiguous()
         self.m: torch.Tensor | None = None
         if qtype == Q.Q8_0:
             q = blocks[:, 2:].contiguous().view(torch.int8).float()
@@ -232,53 +401,107 @@ class BlockWeight:
             if qtype == Q.Q4_0:
                 q = q - 8.0
             else:
-                self.m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-                self.m = self.m.reshape(out_features, -1)
-        nb = self.d.shape[1]
-        # (nb*8, out, 4): group g = block*8 + lane holds the 4 quants one SIMD lane sums.
-        self.q = q.reshape(out_features, nb * 8, 4).transpose(0, 1).contiguous()
+                m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+                self.m = m.reshape(out_features, -1).T.contiguous()
+        nb = self.d.shape[0]
+        self.q = q.reshape(out_features, nb, 8, 4).permute(3, 1, 2, 0).contiguous()
         self.out_features = out_features
         self.n_blocks = nb
 
+    @classmethod
+    def concat(cls, parts: list[BlockWeight]) -> BlockWeight:
+        """One matrix of ``parts`` stacked along the output (same type and width)."""
+        out = cls.__new__(cls)
+        out.qtype = parts[0].qtype
+        out.d = torch.cat([p.d for p in parts], dim=1)
+        mins = [p.m for p in parts if p.m is not None]
+        out.m = torch.cat(mins, dim=1) if len(mins) == len(parts) else None
+        out.q = torch.cat([p.q for p in parts], dim=3)
+        out.out_features = sum(p.out_features for p in parts)
+        out.n_blocks = parts[0].n_blocks
+        return out
 
-def ggml_block_matmul(x: torch.Tensor, w: BlockWeight, chunk: int = 8192) -> torch.Tensor:
+
+def ggml_block_matmul(x: torch.Tensor, w: BlockWeight, max_elements: int = 1 << 22) -> torch.Tensor:
     """x @ W.T as llama.cpp's x86 ``ggml_vec_dot_q{4_0,4_1,8_0}_q8_{0,1}`` compute it.
 
-    The activations are quantized to Q8 blocks (``quantize_row_q8_{0,1}``); each block's
-    integer dot products are summed in 8 SIMD lanes of 4 quants, scaled by the product
-    of the two fp16 scales and accumulated with one fused multiply-add per block and
-    lane; the lanes are reduced in ``hsum_float_8``'s order; Q4_1 adds the minimum
-    term ``sum(m * s)`` block by block. Every rounding happens where it happens in C.
+    The activations are quantized to Q8 blocks (``quantize_row_q8_{0,1}``). For each
+    block, each of 8 SIMD lanes holds the integer dot product of 4 quants
+    (``dpbusd``), and ``acc = fma(d_x*d_y, lane, acc)`` rounds once per block and
+    lane; the lanes are reduced as ``hsum_float_8`` does. Q4_1 adds
+    ``summs = fma(m, s, summs)`` block by block (GCC contracts it), then
+    ``hsum + summs``. The products are exact in double, so each step is a double
+    addition rounded to float once: the fma.
     """
     t = x.shape[0]
-    nb = w.n_blocks
+    nb, n_out = w.n_blocks, w.out_features
     blocks = x.float().reshape(t, nb, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    d = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    qy = torch.round(blocks * inv)  # (t, nb, 32)
-    d_y = d.half().float().squeeze(-1)  # (t, nb)
-    qy_groups = qy.reshape(t, nb * 8, 4).permute(1, 2, 0)  # (nb*8, 4, t)
-    out = torch.empty(t, w.out_features, device=x.device)
+    d = div(amax, 127.0)
+    inv = torch.where(amax > 0, div(127.0, amax), torch.zeros_like(amax))
+    qy = torch.round(blocks * inv)  # round half to even, as _mm256_round_ps
+    d_y = d.half().float().squeeze(-1).T  # (nb, t), the fp16 scale as the dot reads it
+    qy_lanes = qy.reshape(t, nb, 8, 4).permute(3, 1, 0, 2).contiguous()  # (4, nb, t, 8)
     sums = None
-    if w.m is not None:
-        sums = (d * qy.sum(-1, keepdim=True)).half().float().squeeze(-1)  # (t, nb)
-    for o0 in range(0, w.out_features, chunk):
-        o1 = min(o0 + chunk, w.out_features)
-        lanes = torch.bmm(w.q[:, o0:o1], qy_groups)  # (nb*8, o, t), exact integers
-        lanes = lanes.reshape(nb, 8, o1 - o0, t).permute(3, 2, 0, 1).double()  # (t, o, nb, 8)
-        scale = (w.d[o0:o1].unsqueeze(0) * d_y.unsqueeze(1)).double()  # (t, o, nb) float prods
-        acc = torch.zeros(t, o1 - o0, 8, dtype=torch.float64, device=x.device)
-        for b in range(nb):
-            acc = (scale[:, :, b : b + 1] * lanes[:, :, b] + acc).float().double()
-        a = acc.float()
-        total = ((a[..., 0] + a[..., 4]) + (a[..., 2] + a[..., 6])) + (
-            (a[..., 1] + a[..., 5]) + (a[..., 3] + a[..., 7])
-        )
+    if w.m is not None:  # block_q8_1.s = fp16(d * sum(q))
+        sums = (d * qy.sum(-1, keepdim=True)).half().float().squeeze(-1).T  # (nb, t)
+    out = torch.empty(t, n_out, device=x.device)
+    step = max(1, max_elements // (nb * 8 * n_out))
+    for t0 in range(0, t, step):
+        t1 = min(t0 + step, t)
+        # Integer products and sums below 2^24: exact in float32. (nb, t, 8, out)
+        lanes = qy_lanes[0, :, t0:t1, :, None] * w.q[0, :, None]
+        for j in range(1, 4):
+            lanes.addcmul_(qy_lanes[j, :, t0:t1, :, None], w.q[j, :, None])
+        scale = w.d[:, None, :] * d_y[:, t0:t1, None]  # float32 products, as _mm256_mul_ps
+        mins = None
         if sums is not None and w.m is not None:
-            summs = torch.zeros(t, o1 - o0, device=x.device)
-            for b in range(nb):
-                summs = summs + w.m[o0:o1, b].unsqueeze(0) * sums[:, b : b + 1]
+            mins = (w.m[:, None, :], sums[:, t0:t1, None])
+        acc, summs = _fma_chains(lanes, scale, mins)
+        a = [acc[:, lane] for lane in range(8)]
+        total = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+        if summs is not None:
             total = total + summs
-        out[:, o0:o1] = total
+        out[t0:t1] = total
     return out.to(x.dtype)
+
+
+def _fma_chains(
+    lanes: torch.Tensor,
+    scale: torch.Tensor,
+    mins: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``acc = fma(scale[b], lanes[b], acc)`` for each block b in order, from zero, and
+    ``summs = fma(m[b], s[b], summs)`` likewise.
+
+    The products are exact in double and so is each sum with the float32 accumulator
+    (their exponents are close), so one rounding to float32 per step is the fma.
+    numpy adds a float32 and a float64 array into a float32 one in a single call,
+    keeping the per-block work small; other devices take torch's three.
+    """
+    n_blocks = lanes.shape[0]
+    if lanes.device.type == "cpu":
+        lane_np, scale_np = lanes.numpy(), scale.double().numpy()
+        acc = np.zeros(lane_np.shape[1:], dtype=np.float32)
+        prod = np.empty(lane_np.shape[1:], dtype=np.float64)
+        summs = prod9 = m_np = s_np = None
+        if mins is not None:
+            m_np, s_np = mins[0].double().numpy(), mins[1].double().numpy()
+            summs = np.zeros(np.broadcast_shapes(m_np.shape[1:], s_np.shape[1:]), np.float32)
+            prod9 = np.empty(summs.shape, dtype=np.float64)
+        for b in range(n_blocks):
+            np.multiply(lane_np[b], scale_np[b][:, None, :], out=prod)  # exact
+            np.add(acc, prod, out=acc, casting="unsafe")  # rounded once
+            if summs is not None:
+                np.multiply(m_np[b], s_np[b], out=prod9)
+                np.add(summs, prod9, out=summs, casting="unsafe")
+        return torch.from_numpy(acc), None if summs is None else torch.from_numpy(summs)
+    acc_t = torch.zeros(lanes.shape[1:], device=lanes.device)
+    summs_t = None
+    for b in range(n_blocks):
+        exact = lanes[b].double() * scale[b][:, None, :].double()
+        acc_t = (acc_t.double() + exact).float()
+        if mins is not None:
+            m9 = mins[0][b].double() * mins[1][b].double()
+            summs_t = m9.float() if summs_t is None else (summs_t.double() + m9).float()
+    return acc_t, summs_t
