@@ -51,13 +51,14 @@ PROMPTS = [
 ]
 MAX_TOKENS = 32
 NOTES = (
-    "fast: float32 compute, fp16 KV cache. llamacpp: activations rounded to Q8 blocks with "
-    "ggml's x86 lane order for Q4_0/Q4_1/Q8_0 dot products, the fp16 flash-attention "
-    "accumulator, ggml's expf in SwiGLU. On a 1-layer cut of the model the llamacpp mode "
-    "matches llama-server's log-probabilities to 1e-5 for most single-token prompts but not "
-    "all, and on the full model a 1e-7 relative perturbation of the input moves llama.cpp-"
-    "style logits by up to 0.07 (Q8 roundings flip on outlier-dominated blocks), so "
-    "greedy paths part at near-ties in either mode."
+    "fast: float32 compute, fp16 KV cache. llamacpp: llama.cpp's x86 CPU numerics bit for "
+    "bit in every layer (Q8_1 activation blocks with single float divisions, the Q4_1 dot "
+    "product's SIMD lanes and fused multiply-adds, correctly rounded sqrtf in RMSNorm, "
+    "RoPE with FMA contraction and glibc's cosf/sinf, the fp16 flash-attention accumulator "
+    "with glibc's expf, ggml's expf in SwiGLU); the Q8_0 output head rounds its "
+    "activations but sums in another order (logits within ~1e-5). Checked op by op against "
+    "the tensors llama.cpp computes. Rounding the activations alone (BLAS sums) reaches "
+    "11/20: an 8-bit block rounding flips on a one-ulp change of its input."
 )
 RESULTS = Path(__file__).resolve().parent / "results" / "hip_direct_parity.json"
 

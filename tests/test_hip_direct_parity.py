@@ -64,14 +64,13 @@ WHITESPACE_TEMPLATE = (
     "{% endfor %}\n"
     "{% if add_generation_prompt %}[A]{{ bos_token }}{% endif %}\n"
 )
-# The target was 18 of 20 exact; hip_direct reaches 7 (bench/results/hip_direct_parity.json,
-# both numerics modes). llama.cpp's CPU matmuls round activations to 8-bit blocks; this
-# model's activations have outliers that make those roundings flip on last-bit
-# differences of the float sums, and each flip moves the logits by hundredths, so the
-# greedy paths part at near-ties. The floors below leave room for run-to-run batching
-# noise; the first token (no accumulated drift) must agree everywhere but one near-tie.
-MIN_EXACT = 5
-MIN_FIRST_TOKEN = 19
+# Issue 5's target: at least 18 of the 20 greedy sequences exact. With
+# --numerics llamacpp every layer computes llama.cpp's x86 CPU numbers bit for bit
+# (bench/results/hip_direct_parity.json: 20 of 20 on this machine); the floor keeps
+# the target rather than the perfect score, for CPUs whose llama.cpp build takes
+# other SIMD paths. The first token must agree everywhere.
+MIN_EXACT = 18
+MIN_FIRST_TOKEN = 20
 MAX_GAP_AT_DIVERGENCE = 1.0
 
 
@@ -98,7 +97,14 @@ async def server(default_model, llama_server):
 @pytest.fixture(scope="module")
 async def model(default_model):
     loaded = await HipDirectBackend().load(
-        default_model, LoadConfig(gpu_layers=0, context_len=512, parallel=20, threads=1)
+        default_model,
+        LoadConfig(
+            gpu_layers=0,
+            context_len=512,
+            parallel=20,
+            threads=1,
+            extra_flags=("--numerics", "llamacpp"),
+        ),
     )
     async with loaded:
         yield loaded
