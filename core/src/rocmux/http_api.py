@@ -384,6 +384,7 @@ class Api:
     settings: ServerSettings
     metrics: Metrics
     http: httpx.AsyncClient = attrs.field(init=False)
+    _https: httpx.AsyncClient | None = attrs.field(default=None, init=False)
     shutting_down: bool = attrs.field(default=False, init=False)
     """Set when the drain deadline of a graceful shutdown has passed."""
 
@@ -391,6 +392,8 @@ class Api:
         self.http = httpx.AsyncClient(
             trust_env=False,
             timeout=httpx.Timeout(None, connect=10.0),
+            # Runtimes listen on plain-HTTP loopback URLs: no TLS context to build.
+            verify=False,
             # Idle connections are dropped well before llama-server (cpp-httplib) closes
             # them after 5 s: with equal timeouts, a request sent on a connection the
             # runtime is closing fails ("Server disconnected without sending a response").
@@ -648,15 +651,17 @@ class Api:
         """POST to the runtime; the response head is read, the body left to stream."""
         for attempt in range(2):
             await instance.model.ensure_running()  # type: ignore[union-attr]
-            request = self.http.build_request(
+            url: str = instance.model.url  # type: ignore[union-attr]
+            http = self.http if url.startswith("http://") else self._tls_client()
+            request = http.build_request(
                 "POST",
-                instance.model.url + path,  # type: ignore[union-attr]
+                url + path,
                 content=raw,
                 headers={"content-type": "application/json"},
                 timeout=timeouts,
             )
             try:
-                return await self.http.send(request, stream=True)
+                return await http.send(request, stream=True)
             except httpx.RemoteProtocolError:
                 # "Server disconnected without sending a response": a pooled connection
                 # that llama-server closed as it was reused (about 1 request in 1000,
@@ -666,6 +671,14 @@ class Api:
                 if attempt or server is None or not server.running:
                     raise
         raise AssertionError("unreachable")
+
+    def _tls_client(self) -> httpx.AsyncClient:
+        """A client that verifies certificates, for a runtime behind an https URL."""
+        if self._https is None:
+            self._https = httpx.AsyncClient(
+                trust_env=False, timeout=httpx.Timeout(None, connect=10.0)
+            )
+        return self._https
 
     def _cut_code(self) -> str:
         return "server_shutdown" if self.shutting_down else "runtime_failed"
@@ -837,6 +850,8 @@ class Api:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        if self._https is not None:
+            await self._https.aclose()
 
 
 def _validate(body: dict[str, Any], kind: str) -> str:

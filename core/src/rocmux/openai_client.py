@@ -49,6 +49,9 @@ class OpenAIClient:
             # Generation can pause for long prompts; only connecting is time-bounded.
             timeout=httpx.Timeout(None, connect=10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=128),
+            # A TLS context reads the CA bundle (~50 ms, on every model load); a runtime's
+            # plain-HTTP URL never uses one.
+            verify=not self.base_url.startswith("http://"),
         )
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Token]:
