@@ -146,6 +146,23 @@ async def test_sigterm_ignored_then_sigkill_of_the_whole_group(tmp_path):
             await anyio.sleep(0.01)
 
 
+async def test_stop_grace_of_the_launch_overrides_the_supervisors():
+    """A runtime that says it needs no grace is SIGKILLed right after SIGTERM; the
+    others are given the supervisor's stop_timeout to exit by themselves."""
+    graceful = ServerProcess(_launch("--exit-on-term-after", "0.2"), stop_timeout=5.0)
+    await graceful.start()
+    await graceful.stop()
+    assert graceful.returncode == 0
+
+    launch = _launch("--exit-on-term-after", "0.2")
+    launch.stop_grace = 0.0
+    impatient = ServerProcess(launch, stop_timeout=5.0)
+    await impatient.start()
+    await impatient.stop()
+    assert impatient.returncode == -signal.SIGKILL
+    assert not _alive(impatient.pid)
+
+
 async def test_crash_after_ready_is_reported_with_exit_status():
     events = Events()
     plugins = PluginManager.discover(entry_points=False)

@@ -23,6 +23,9 @@ def main() -> None:
     parser.add_argument("--ready-after", type=float, default=0.0, help="503 until then")
     parser.add_argument("--exit-code", type=int, help="print an error and exit at once")
     parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument(
+        "--exit-on-term-after", type=float, help="on SIGTERM, exit 0 after this many seconds"
+    )
     parser.add_argument("--grandchild", help="write the pid of a sleeping grandchild here")
     parser.add_argument("--port-taken-once", help="fail as if the port were taken, once")
     parser.add_argument("--say-ready", action="store_true", help="log a ready line")
@@ -65,6 +68,9 @@ def main() -> None:
             sys.exit(1)
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.exit_on_term_after is not None:
+        delay = args.exit_on_term_after
+        signal.signal(signal.SIGTERM, lambda *_: (time.sleep(delay), os._exit(0)))
     if args.grandchild:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         Path(args.grandchild).write_text(str(child.pid))

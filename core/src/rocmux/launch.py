@@ -24,6 +24,9 @@ class Launch:
     env: dict[str, str] = attrs.field(factory=dict)
     health_path: str = "/health"
     ready_pattern: re.Pattern[str] | None = None
+    stop_grace: float | None = None
+    """Seconds between SIGTERM and SIGKILL when stopping; None: the supervisor's
+    ``stop_timeout``. A runtime with no state to save on exit can take 0."""
     address_in_use_pattern: re.Pattern[str] = re.compile(
         r"address already in use|couldn't bind|failed to bind|EADDRINUSE", re.IGNORECASE
     )
