@@ -429,9 +429,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             models=args.model,
             load=load,
             max_loaded=args.max_loaded,
-        )
+        ),
+        backend_options=_event_loop_options(),
     )
     return 0
+
+
+def _event_loop_options() -> dict[str, object]:
+    """uvloop where installed (``rocmux[serve]``): the proxy relays one chunk per token,
+    and uvloop's C event loop spends a fraction of asyncio's CPU on each."""
+    if os.environ.get("ROCMUX_EVENT_LOOP", "uvloop") == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
