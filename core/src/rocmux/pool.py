@@ -464,7 +464,11 @@ class ModelPool:
                 self._keys[entry.name] = instance_key(path, detected.entry.name, entry.load)
                 devices = tuple(d.id for d in detected.availability.devices if d.kind != "cpu")
                 if entry.load.devices:
-                    chosen = {_ordinal(d) for d in entry.load.devices}
+                    from rocmux.devices import runtime_ids
+
+                    # Pins are stable ids (PCI address, UUID) or indices; the pool keys
+                    # memory by the runtime's own device ids.
+                    chosen = {_ordinal(d) for d in runtime_ids(entry.load.devices)}
                     devices = tuple(d for d in devices if _ordinal(d) in chosen)
                 if entry.load.gpu_layers == 0:
                     devices = ()
