@@ -215,6 +215,20 @@ def test_block_matmul_rounds_like_ggml_vec_dot_q4_1_q8_1():
     np.testing.assert_array_equal(both[:, rows:], ggml_block_matmul(torch.from_numpy(x), w2))
 
 
+def test_block_matmul_split_across_threads_gives_the_same_numbers():
+    rows, cols = 1024, 64
+    w = BlockWeight(Q.Q4_1, torch.from_numpy(_quantized(Q.Q4_1, rows, cols)), rows)
+    x = torch.from_numpy(RNG.standard_normal((16, cols)).astype(F32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ggml_block_matmul(x, w)
+        torch.set_num_threads(3)  # chains of 16 * 8 * 1024 elements: split in three
+        np.testing.assert_array_equal(ggml_block_matmul(x, w).numpy(), one.numpy())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _libm_or_skip():
     import ctypes
     import ctypes.util

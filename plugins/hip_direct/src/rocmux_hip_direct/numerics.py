@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -466,6 +467,10 @@ def ggml_block_matmul(x: torch.Tensor, w: BlockWeight, max_elements: int = 1 << 
     return out.to(x.dtype)
 
 
+# Per-block chains at least this large (elements) are split across threads.
+_PARALLEL_CHAIN = 1 << 17
+
+
 def _fma_chains(
     lanes: torch.Tensor,
     scale: torch.Tensor,
@@ -479,29 +484,69 @@ def _fma_chains(
     numpy adds a float32 and a float64 array into a float32 one in a single call,
     keeping the per-block work small; other devices take torch's three.
     """
-    n_blocks = lanes.shape[0]
-    if lanes.device.type == "cpu":
-        lane_np, scale_np = lanes.numpy(), scale.double().numpy()
-        acc = np.zeros(lane_np.shape[1:], dtype=np.float32)
-        prod = np.empty(lane_np.shape[1:], dtype=np.float64)
-        summs = prod9 = m_np = s_np = None
-        if mins is not None:
-            m_np, s_np = mins[0].double().numpy(), mins[1].double().numpy()
-            summs = np.zeros(np.broadcast_shapes(m_np.shape[1:], s_np.shape[1:]), np.float32)
-            prod9 = np.empty(summs.shape, dtype=np.float64)
-        for b in range(n_blocks):
-            np.multiply(lane_np[b], scale_np[b][:, None, :], out=prod)  # exact
-            np.add(acc, prod, out=acc, casting="unsafe")  # rounded once
-            if summs is not None:
-                np.multiply(m_np[b], s_np[b], out=prod9)
-                np.add(summs, prod9, out=summs, casting="unsafe")
-        return torch.from_numpy(acc), None if summs is None else torch.from_numpy(summs)
-    acc_t = torch.zeros(lanes.shape[1:], device=lanes.device)
-    summs_t = None
-    for b in range(n_blocks):
+    if lanes.device.type != "cpu":
+        return _fma_chains_torch(lanes, scale, mins)
+    lane_np, scale_np = lanes.numpy(), scale.double().numpy()[:, :, None, :]
+    acc = np.zeros(lane_np.shape[1:], dtype=np.float32)
+    summs = m_np = s_np = None
+    if mins is not None:
+        m_np, s_np = mins[0].double().numpy(), mins[1].double().numpy()
+        summs = np.zeros(np.broadcast_shapes(m_np.shape[1:], s_np.shape[1:]), np.float32)
+    n_out = acc.shape[-1]
+    n_threads = min(torch.get_num_threads(), max(1, acc.size // _PARALLEL_CHAIN), n_out)
+    if n_threads <= 1:
+        _chain_np(lane_np, scale_np, acc, m_np, s_np, summs)
+    else:
+        # Each output column's chain is independent; numpy releases the GIL.
+        bounds = np.linspace(0, n_out, n_threads + 1).astype(int).tolist()
+
+        def part(i: int) -> None:
+            cols = slice(bounds[i], bounds[i + 1])
+            _chain_np(
+                lane_np[..., cols],
+                scale_np[..., cols],
+                acc[..., cols],
+                None if m_np is None else m_np[..., cols],
+                s_np,
+                None if summs is None else summs[..., cols],
+            )
+
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(part, range(n_threads)))
+    return torch.from_numpy(acc), None if summs is None else torch.from_numpy(summs)
+
+
+def _chain_np(
+    lanes: np.ndarray,
+    scale: np.ndarray,
+    acc: np.ndarray,
+    m: np.ndarray | None,
+    s: np.ndarray | None,
+    summs: np.ndarray | None,
+) -> None:
+    """The loop of :func:`_fma_chains` on numpy arrays, into ``acc`` and ``summs``."""
+    prod = np.empty(acc.shape, dtype=np.float64)
+    prod9 = None if summs is None else np.empty(summs.shape, dtype=np.float64)
+    for b in range(lanes.shape[0]):
+        np.multiply(lanes[b], scale[b], out=prod)  # exact
+        np.add(acc, prod, out=acc, casting="unsafe")  # rounded once
+        if summs is not None and m is not None and s is not None and prod9 is not None:
+            np.multiply(m[b], s[b], out=prod9)
+            np.add(summs, prod9, out=summs, casting="unsafe")
+
+
+def _fma_chains_torch(
+    lanes: torch.Tensor,
+    scale: torch.Tensor,
+    mins: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_fma_chains` in torch operations (other devices)."""
+    acc = torch.zeros(lanes.shape[1:], device=lanes.device)
+    summs = None
+    for b in range(lanes.shape[0]):
         exact = lanes[b].double() * scale[b][:, None, :].double()
-        acc_t = (acc_t.double() + exact).float()
+        acc = (acc.double() + exact).float()
         if mins is not None:
             m9 = mins[0][b].double() * mins[1][b].double()
-            summs_t = m9.float() if summs_t is None else (summs_t.double() + m9).float()
-    return acc_t, summs_t
+            summs = m9.float() if summs is None else (summs.double() + m9).float()
+    return acc, summs
