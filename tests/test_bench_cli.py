@@ -63,7 +63,6 @@ def test_bench_llamacpp_on_the_tiny_model(tiny_model, llama_server, tmp_path, ca
     assert run["error"] is None
     assert run["model"]["sha256"] == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
     assert run["model"]["architecture"] == "llama"
-    assert run["host_load"]["before"] >= 0 and run["host_load"]["after"] >= 0
     backend = run["backend"]
     assert backend["name"] == "llamacpp_hip" and backend["version"]
     # Every slot and its tokens fit: parallel = top concurrency, context = 2 slots x 256.
@@ -87,6 +86,7 @@ def test_bench_llamacpp_on_the_tiny_model(tiny_model, llama_server, tmp_path, ca
         assert all(s["finish_reason"] == "length" for s in level["stream_results"])
         # llama-server is a child process: its memory is counted.
         assert level["rss_peak"] > run["memory"]["rss_baseline"]
+        assert level["other_cpu_cores"] >= 0
     # At concurrency 1, prefill is the prompt over the TTFT.
     one = levels[1]
     assert one["prefill_tps"] == pytest.approx(32 / (one["ttft_ms_median"] / 1000), rel=0.01)
@@ -334,6 +334,7 @@ def test_plot_and_table_from_a_saved_run(tmp_path, capsys):
 
 def test_failed_run_gives_status_1_and_a_row(tmp_path, capsys):
     doc = _doc()
+    doc["runs"][0]["levels"][0]["other_cpu_cores"] = 1.3
     doc["runs"][1]["levels"] = []
     doc["runs"][1]["error"] = "StartupFailed: boom"
     saved = tmp_path / "failed.json"
@@ -341,6 +342,7 @@ def test_failed_run_gives_status_1_and_a_row(tmp_path, capsys):
     code, out, _ = _bench(capsys, "--from-json", str(saved))
     assert code == 1
     assert "StartupFailed: boom" in out
+    assert "busy host: others used 1.3 cores" in out
 
 
 # -- pieces --------------------------------------------------------------------------------------
@@ -425,7 +427,7 @@ def test_tree_rss_counts_child_processes():
 
 
 def test_memory_monitor_keeps_the_peak_of_a_window():
-    with benchmark.MemoryMonitor(None, interval=0.01) as monitor:
+    with benchmark.ResourceMonitor(None, interval=0.01) as monitor:
         start = time.perf_counter()
         block = bytearray(100 << 20)
         for i in range(0, len(block), 4096):
@@ -438,6 +440,27 @@ def test_memory_monitor_keeps_the_peak_of_a_window():
     assert peak_gpu is None
     assert peak_rss is not None and now.rss is not None
     assert peak_rss - now.rss > 80 << 20
+
+
+def test_cpu_of_other_processes_is_told_from_ours():
+    busy = "import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < 1.5: pass"
+    # Outside our tree: a grandchild whose parent exits at once (it goes to init).
+    launcher = (
+        "import subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, '-c', {busy!r}], start_new_session=True)"
+    )
+    with benchmark.ResourceMonitor(None, interval=0.05) as monitor:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", launcher], check=True)
+        time.sleep(1.3)
+        outside = monitor.other_cpu(start)
+        before = benchmark.tree_usage().cpu
+        child = subprocess.Popen([sys.executable, "-c", busy])  # inside our tree
+        time.sleep(1.3)
+        inside = (benchmark.tree_usage().cpu or 0) - (before or 0)
+        child.wait()
+    assert outside is not None and outside > 0.3
+    assert inside > 0.3
 
 
 def test_peak_memory_prefers_the_gpu_when_it_moved():

@@ -13,6 +13,7 @@ the wall time) and peak memory. Results are a JSON document (``SCHEMA``) that
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import platform
 import random
@@ -275,26 +276,54 @@ def _children(pid: int) -> list[int]:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def tree_rss(root: int | None = None) -> int | None:
-    """Resident memory of process ``root`` (this one by default) and its descendants:
-    an in-process runtime and a runtime server alike. ``None`` without ``/proc``."""
+@attrs.frozen
+class TreeUsage:
+    """Resident memory and CPU seconds used so far by a process and its descendants."""
+
+    rss: int | None
+    cpu: float | None
+
+
+def tree_usage(root: int | None = None) -> TreeUsage:
+    """Memory and CPU of process ``root`` (this one by default) and its live
+    descendants: an in-process runtime and a runtime server alike. ``None``s without
+    ``/proc``."""
     stack = [os.getpid() if root is None else root]
     seen: set[int] = set()
-    total, found = 0, False
+    rss, ticks, found = 0, 0, False
     while stack:
         pid = stack.pop()
         if pid in seen:
             continue
         seen.add(pid)
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+            # After the command name: state ppid ... utime (12th) stime (13th)
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
             found = True
         except (OSError, IndexError, ValueError):
             continue
         stack.extend(_children(pid))
-    return total if found else None
+    return TreeUsage(rss, ticks / _TICK) if found else TreeUsage(None, None)
+
+
+def tree_rss(root: int | None = None) -> int | None:
+    """Resident memory of process ``root`` and its descendants (see ``tree_usage``)."""
+    return tree_usage(root).rss
+
+
+def host_cpu() -> float | None:
+    """CPU seconds all processes of this machine have used since boot (``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        # cpu user nice system idle iowait irq softirq ...
+        return sum(int(fields[i]) for i in (1, 2, 3, 6, 7)) / _TICK
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @attrs.frozen
@@ -362,29 +391,38 @@ def gpu_monitor() -> GpuMonitor | None:
 
 
 @attrs.frozen
-class MemorySample:
-    """Process-tree RSS and GPU memory used at one moment (``time.perf_counter``)."""
+class ResourceSample:
+    """One moment (``time.perf_counter``): this process tree's RSS and CPU seconds, the
+    machine's CPU seconds, and the GPU memory used."""
 
     t: float
     rss: int | None
     gpu: int | None
+    cpu_ours: float | None = None
+    cpu_host: float | None = None
 
 
-class MemoryMonitor:
-    """Samples memory in a background thread so that peaks between requests count."""
+class ResourceMonitor:
+    """Samples memory and CPU time in a background thread, so that memory peaks between
+    requests count and the CPU that other processes take during a level shows."""
 
     def __init__(self, gpu: GpuMonitor | None, interval: float = SAMPLE_INTERVAL) -> None:
         self.gpu = gpu
         self.interval = interval
-        self.samples: list[MemorySample] = []
+        self.samples: list[ResourceSample] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def sample(self) -> MemorySample:
+    def sample(self) -> ResourceSample:
         """Take one sample now (also recorded)."""
-        sample = MemorySample(
-            time.perf_counter(), tree_rss(), self.gpu.read() if self.gpu is not None else None
+        usage = tree_usage()
+        sample = ResourceSample(
+            t=time.perf_counter(),
+            rss=usage.rss,
+            gpu=self.gpu.read() if self.gpu is not None else None,
+            cpu_ours=usage.cpu,
+            cpu_host=host_cpu(),
         )
         with self._lock:
             self.samples.append(sample)
@@ -394,8 +432,8 @@ class MemoryMonitor:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> MemoryMonitor:
-        self._thread = threading.Thread(target=self._loop, name="rocmux-bench-memory", daemon=True)
+    def __enter__(self) -> ResourceMonitor:
+        self._thread = threading.Thread(target=self._loop, name="rocmux-bench-monitor", daemon=True)
         self._thread.start()
         return self
 
@@ -404,13 +442,36 @@ class MemoryMonitor:
         if self._thread is not None:
             self._thread.join()
 
+    def _window(self, start: float, end: float) -> list[ResourceSample]:
+        with self._lock:
+            return [s for s in self.samples if start <= s.t <= end]
+
     def peak(self, start: float = 0.0, end: float = float("inf")) -> tuple[int | None, int | None]:
         """The highest (RSS, GPU memory) sampled between ``start`` and ``end``."""
-        with self._lock:
-            window = [s for s in self.samples if start <= s.t <= end]
+        window = self._window(start, end)
         rss = [s.rss for s in window if s.rss is not None]
         gpu = [s.gpu for s in window if s.gpu is not None]
         return (max(rss) if rss else None, max(gpu) if gpu else None)
+
+    def other_cpu(self, start: float = 0.0, end: float = float("inf")) -> float | None:
+        """CPU cores that processes outside this tree used on average between ``start``
+        and ``end``: the machine's CPU time less ours. On a shared machine this says how
+        much the numbers were disturbed."""
+        window = [
+            s for s in self._window(start, end) if s.cpu_ours is not None and s.cpu_host is not None
+        ]
+        if len(window) < 2 or window[-1].t <= window[0].t:
+            return None
+        other = 0.0
+        for a, b in itertools.pairwise(window):
+            # A process of ours that exits takes its CPU time along: never count below 0.
+            other += max(
+                0.0,
+                (b.cpu_host or 0.0)
+                - (a.cpu_host or 0.0)
+                - ((b.cpu_ours or 0.0) - (a.cpu_ours or 0.0)),
+            )
+        return other / (window[-1].t - window[0].t)
 
 
 # ---------------------------------------------------------------- prompts
@@ -579,6 +640,8 @@ class LevelResult:
     gen_tokens: int
     rss_peak: int | None = None
     gpu_peak: int | None = None
+    other_cpu: float | None = None
+    """Cores other processes of the machine used meanwhile (see ``ResourceMonitor``)."""
 
     @property
     def aggregate_tps(self) -> float | None:
@@ -610,6 +673,7 @@ class LevelResult:
             "aggregate_tps": _round(self.aggregate_tps),
             "rss_peak": self.rss_peak,
             "gpu_peak": self.gpu_peak,
+            "other_cpu_cores": _round(self.other_cpu, 2),
             "stream_results": [s.to_json() for s in self.streams],
         }
 
@@ -658,7 +722,7 @@ async def measure_level(
     settings: BenchSettings,
     concurrency: int,
     reporter: Reporter,
-    monitor: MemoryMonitor | None = None,
+    monitor: ResourceMonitor | None = None,
     label: str = "",
 ) -> LevelResult:
     """Run ``settings.rounds`` batches of ``concurrency`` concurrent streams."""
@@ -671,6 +735,8 @@ async def measure_level(
     prefills: list[float] = []
     reporter.level_started(label, concurrency * settings.rounds * settings.gen_tokens)
     start = time.perf_counter()
+    if monitor is not None:
+        monitor.sample()  # a level shorter than the sampling interval still gets a window
     async with anyio.create_task_group() as outer:
 
         async def poll() -> None:
@@ -700,10 +766,11 @@ async def measure_level(
                     prefills.append(sum(s.prompt_tokens or 0 for s in timed) / slowest)
         reporter.level_progress(counter[0])
         outer.cancel_scope.cancel()
-    rss = gpu = None
+    rss = gpu = other = None
     if monitor is not None:
         monitor.sample()
         rss, gpu = monitor.peak(start)
+        other = monitor.other_cpu(start)
     return LevelResult(
         concurrency=concurrency,
         streams=tuple(streams),
@@ -712,6 +779,7 @@ async def measure_level(
         gen_tokens=settings.gen_tokens,
         rss_peak=rss,
         gpu_peak=gpu,
+        other_cpu=other,
     )
 
 
@@ -912,13 +980,6 @@ class LaunchRecorder:
 # ---------------------------------------------------------------- running
 
 
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def _load_json(config: LoadConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(config).items()}
 
@@ -951,16 +1012,14 @@ async def bench_job(
         "runtime": {},
         "levels": [],
         "error": None,
-        # Other work on the machine shows here: the 1-minute load before and after.
-        "host_load": {"before": _load_average(), "after": None},
     }
     first_launch = len(launches.commands) if launches is not None else 0
     name = f"{model_info.get('file')} · {job.backend}" + (
         f" · {job.setting}" if job.setting else ""
     )
-    with MemoryMonitor(gpu, settings.sample_interval) as monitor:
+    with ResourceMonitor(gpu, settings.sample_interval) as monitor:
         baseline = monitor.sample()
-        loaded: MemorySample | None = None
+        loaded: ResourceSample | None = None
         try:
             reporter.phase(f"{name}: loading")
             t0 = time.perf_counter()
@@ -990,7 +1049,6 @@ async def bench_job(
             run["error"] = f"{type(exc).__name__}: {exc}"
             reporter.job_failed(job, run["error"])
         peak_rss, peak_gpu = monitor.peak()
-    run["host_load"]["after"] = _load_average()
     run["memory"] = {
         "monitor": gpu.source if gpu is not None else "process RSS only",
         "gpus": list(gpu.names) if gpu is not None else [],

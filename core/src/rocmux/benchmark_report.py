@@ -133,12 +133,19 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+# Other processes using this much CPU during a level make its numbers suspect.
+BUSY_CORES = 0.25
+
+
 def _notes(level: Mapping[str, Any], target: int | None) -> str:
     notes = []
     if level.get("errors"):
         notes.append(f"{level['errors']} failed")
     if level.get("short_streams"):
         notes.append(f"{level['short_streams']} stopped early (EOS)")
+    other = level.get("other_cpu_cores")
+    if other is not None and other >= BUSY_CORES:
+        notes.append(f"busy host: others used {other:.1f} cores")
     seen = level.get("prompt_tokens_seen") or []
     if target is not None and seen and seen != [target]:
         notes.append(f"prompt {'/'.join(str(s) for s in seen)} tok")
