@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from gguf_factory import TinyLlama, write_tiny_llama  # noqa: E402
 from rocmux.devices import GpuInfo, detect_gpus, memory_now  # noqa: E402
 from rocmux.inventory import ModelInfo  # noqa: E402
-from rocmux.memory import fit  # noqa: E402
+from rocmux.memory import GPU_PROCESS_OVERHEAD, fit  # noqa: E402
 from rocmux.supervisor import free_port  # noqa: E402
 from rocmux.types import LoadConfig  # noqa: E402
 
@@ -137,7 +137,9 @@ def estimate(path: Path, load: LoadConfig, gpu: bool) -> int:
     if not gpu:
         room = GpuInfo(index=None, vendor="cpu", name="budget", memory_free=1 << 40)
     result = fit(info, room, margin=0, requested=load)
-    return result.estimate.device_total if gpu else result.estimate.host_total
+    if gpu:
+        return result.estimate.device_total + GPU_PROCESS_OVERHEAD
+    return result.estimate.host_total
 
 
 def config_text(paths: list[Path], load: dict[str, Any], budget: int, queue: float) -> str:

@@ -574,3 +574,21 @@ async def test_a_victim_is_out_of_reach_before_the_monitor_is_read(tiny_model):
         await pool.aclose()
     assert seen and set(seen) == {"unloading"}
     assert not pool.instances
+
+
+async def test_a_gpu_instance_counts_its_process_overhead(tiny_model):
+    """On a GPU the pool counts llama.cpp's buffers plus what the runtime's process
+    holds besides (driver context, BLAS workspace): measured 0.6-0.9 GiB on an H100."""
+    from rocmux.inventory import ModelInfo
+    from rocmux.memory import GPU_PROCESS_OVERHEAD, fit
+
+    limits = Limits(memory_budget=8 << 30)
+    pool = ModelPool([tiny(tiny_model)], limits, PluginManager.discover(entry_points=False))
+    entry = pool.entry("tiny")
+    info = ModelInfo.from_gguf(tiny_model)
+    _, on_cpu = await pool._plan(entry, tiny_model)
+    pool._on_gpu["tiny"] = True
+    load, on_gpu = await pool._plan(entry, tiny_model)
+    buffers = fit(info, 8 << 30, margin=0, requested=load).estimate
+    assert on_gpu == buffers.device_total + GPU_PROCESS_OVERHEAD
+    assert on_cpu < on_gpu  # the tiny model's host estimate has no such overhead

@@ -39,6 +39,7 @@ from rocmux.types import LoadConfig
 __all__ = [
     "DEFAULT_CONTEXT",
     "DEFAULT_MARGIN",
+    "GPU_PROCESS_OVERHEAD",
     "MIN_CONTEXT",
     "FitResult",
     "MemoryEstimate",
@@ -58,6 +59,13 @@ MIN_CONTEXT = 2048
 # llama-server's own ``--fit-target`` default: room for the runtime's context on the
 # device, allocator slack and other processes.
 DEFAULT_MARGIN = 1024 * MiB
+# What a GPU runtime process holds beyond llama.cpp's own buffers: the driver context,
+# the BLAS workspace and ggml's device memory pool. Measured on an H100 (CUDA 13,
+# llama.cpp's CUDA build, NVML) as the used memory a llama-server added less the
+# buffers it reported: 0.58 GiB for SmolLM2-135M, 0.89 GiB for a Llama-3.2-1B shape
+# (bench/results/gpu/budget-*.json). HIP's context is of the same order (not measured
+# here). Counted per instance by rocmux serve's memory budget.
+GPU_PROCESS_OVERHEAD = 928 * MiB
 # llama-server's slots and KV layout when ``--parallel`` is not given (``-np -1``):
 # four slots sharing one unified cache.
 AUTO_PARALLEL = 4

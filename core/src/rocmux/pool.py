@@ -486,7 +486,7 @@ class ModelPool:
         if budget is None:
             return entry.load, 0
         from rocmux.inventory import ModelInfo
-        from rocmux.memory import fit
+        from rocmux.memory import GPU_PROCESS_OVERHEAD, fit
 
         info = await anyio.to_thread.run_sync(ModelInfo.from_gguf, path)
         on_gpu = self._on_gpu.get(entry.name, False)
@@ -496,8 +496,10 @@ class ModelPool:
             from rocmux.devices import GpuInfo
 
             room = GpuInfo(index=None, vendor="cpu", name="budget", memory_free=budget)
-        result = fit(info, room, margin=0, requested=entry.load)
-        need = result.estimate.device_total if on_gpu else result.estimate.host_total
+        # A GPU runtime's process holds memory of its own beyond llama.cpp's buffers.
+        overhead = GPU_PROCESS_OVERHEAD if on_gpu else 0
+        result = fit(info, room, margin=overhead, requested=entry.load)
+        need = result.estimate.device_total + overhead if on_gpu else result.estimate.host_total
         if not result.fits:
             raise ModelTooLarge(
                 f"model {entry.name!r} needs about {_gib(need)} on "
