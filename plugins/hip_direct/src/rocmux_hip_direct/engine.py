@@ -12,6 +12,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,6 +69,9 @@ class Engine:
         self._cancelled: deque[Sequence] = deque()
         self._lock = threading.Lock()  # guards the two queues only
         self.steps = 0
+        # Called with each step's chunks before it runs (tests and benchmarks watch the
+        # batch sizes through it); on the stepping thread, so it must be quick.
+        self.on_step: Callable[[list[ScheduledChunk]], None] | None = None
 
     # -- requests (any thread) --------------------------------------------------------
 
@@ -130,6 +134,8 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return False
+        if self.on_step is not None:
+            self.on_step(chunks)
         try:
             self._run(chunks)
         except Exception as exc:

@@ -8,7 +8,9 @@
   gate/up; SwiGLU, RMSNorm with the residual add, and RoPE with the KV-cache store are
   each one kernel (:mod:`rocmux_hip_direct.fused`);
 * decode tokens attend through a split-K kernel that reads the KV cache through the
-  block table, so nothing is gathered; prompt chunks use PyTorch's fused attention;
+  block table, so nothing is gathered; prompt chunks use PyTorch's fused attention,
+  the fresh prompts of a step batched together (padded to the longest of a group of
+  similar lengths), so concurrent prompts cost one attention call, not one each;
 * a step whose chunks are all single tokens replays a CUDA/HIP graph captured for the
   smallest batch bucket (1, 2, 4, … up to ``max_seqs``) that holds it, with every
   per-step input (tokens, positions, slots, context lengths, the block table) in one
@@ -46,6 +48,9 @@ TOKEN, POSITION, SLOT, CTX_LEN, N_FIXED = 0, 1, 2, 3, 4
 # Programs the split-K decode attention aims for (an H100 has 132 multiprocessors).
 ATTN_PROGRAMS = 256
 MAX_SPLIT = 16
+# Fresh prompts attended as one padded batch may cost at most this much more attention
+# work than their own lengths need (padding is computed and thrown away).
+PAD_SLACK = 1.25
 
 
 def decode_buckets(max_seqs: int, sizes: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
@@ -71,6 +76,28 @@ def split_count(batch: int, n_head_kv: int) -> int:
     """
     want = max(1, ATTN_PROGRAMS // max(1, batch * n_head_kv))
     return min(MAX_SPLIT, 1 << (want.bit_length() - 1))
+
+
+def group_prompts(lengths: Sequence[int], slack: float = PAD_SLACK) -> list[list[int]]:
+    """Indices of prompt chunks to attend together, a padded batch per group.
+
+    Longest first, a chunk joins the open group while the group padded to its longest
+    member holds at most ``slack`` times its real tokens. Each group lists its indices
+    in ascending order, so chunks laid out back to back stay so.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        if groups:
+            group = groups[-1]
+            if (len(group) + 1) * lengths[group[0]] <= slack * (total + lengths[i]):
+                group.append(i)
+                total += lengths[i]
+                continue
+        groups.append([i])
+        total = lengths[i]
+    return [sorted(g) for g in groups]
 
 
 def pack_decode(
@@ -154,13 +181,56 @@ def _fuse(linears: Sequence[Linear]) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 @attrs.define(eq=False)
-class _Prefill:
-    """A prompt chunk of the eager path: rows ``start:start+n`` at positions ``pos0..``."""
+class _Resumed:
+    """A prompt chunk after earlier ones: rows ``start:start+n`` at positions ``pos0..``,
+    attending to the cached context through ``ctx_slots`` (positions 0..pos0+n-1)."""
 
     start: int
     n: int
     pos0: int
-    ctx_slots: torch.Tensor | None  # slots of positions 0..pos0+n-1 when pos0 > 0
+    ctx_slots: torch.Tensor
+
+
+@attrs.define(eq=False)
+class _Batch:
+    """Prompt chunks from position 0, attended as one (B, heads, length, d) batch.
+
+    Chunk ``i`` holds rows ``starts[i]:starts[i]+lengths[i]``. ``gather`` is None when
+    the chunks lie back to back and are all ``length`` long (the rows are then a view);
+    otherwise it holds (B, length) row indices, padding repeating a real row (finite
+    keys and values, masked by causality), and ``keep``/``dest`` map the real rows of the
+    flattened result to their output rows.
+    """
+
+    starts: list[int]
+    lengths: list[int]
+    length: int
+    gather: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    dest: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, starts: list[int], lengths: list[int], device: torch.device) -> _Batch:
+        length = max(lengths)
+        packed = all(
+            n == length and s == starts[0] + i * length
+            for i, (s, n) in enumerate(zip(starts, lengths, strict=True))
+        )
+        if packed:
+            return cls(starts, lengths, length)
+        gather = np.empty((len(starts), length), np.int64)
+        keep: list[int] = []
+        dest: list[int] = []
+        for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+            gather[i, :n] = np.arange(s, s + n)
+            gather[i, n:] = s + n - 1
+            keep.extend(range(i * length, i * length + n))
+            dest.extend(range(s, s + n))
+
+        def tensor(x: object) -> torch.Tensor:
+            return torch.as_tensor(x, dtype=torch.long).to(device)
+
+        return cls(starts, lengths, length, tensor(gather), tensor(keep), tensor(dest))
 
 
 class FastPath:
@@ -343,12 +413,17 @@ class FastPath:
         self.eager_steps += 1
         return self._eager(chunks), sampled
 
-    def _stage(self, chunks: Sequence[ScheduledChunk], bucket: int) -> None:
+    @staticmethod
+    def _decode_rows(chunks: Sequence[ScheduledChunk]) -> list[tuple[int, int, list[int]]]:
         rows = []
         for c in chunks:
             seq = c.seq
             assert seq.page_table is not None
             rows.append((seq.tokens[seq.n_cached], seq.n_cached, seq.page_table.blocks))
+        return rows
+
+    def _stage(self, chunks: Sequence[ScheduledChunk], bucket: int) -> None:
+        rows = self._decode_rows(chunks)
         if self._copied is not None:
             self._copied.synchronize()  # the last copy out of the pinned buffer is done
         pack_decode(rows, self._host_np, bucket, self.page)
@@ -415,44 +490,42 @@ class FastPath:
 
     @torch.inference_mode()
     def _eager(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
-        """A mixed step (prompt chunks and decode tokens) with the fused kernels."""
+        """A step with prompt chunks (and any decode tokens) with the fused kernels.
+
+        Rows are laid out decode tokens first, so their queries are the leading rows of
+        the QKV matrix as in a decode graph; then the prompt chunks in schedule order.
+        """
         dev = self.device
+        decodes = [c for c in chunks if c.n == 1]
+        prompts = [c for c in chunks if c.n > 1]
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        logit_rows: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[_Prefill] = []
-        for chunk in chunks:
+        first_row: dict[int, int] = {}
+        for chunk in (*decodes, *prompts):
             seq = chunk.seq
             assert seq.page_table is not None
             start, stop = seq.n_cached, seq.n_cached + chunk.n
-            row = len(tokens)
+            first_row[id(chunk)] = len(tokens)
             tokens.extend(seq.tokens[start:stop])
             positions.extend(range(start, stop))
             slots.extend(seq.page_table.slots(start, stop))
-            if chunk.n == 1:
-                decode_rows.append(row)
-                decode_tables.append(seq.page_table.blocks)
-                decode_lens.append(stop)
-            else:
-                ctx = None
-                if start > 0:
-                    ctx = torch.tensor(seq.page_table.slots(0, stop), device=dev)
-                prefills.append(_Prefill(row, chunk.n, start, ctx))
-            if chunk.completes:
-                logit_rows.append(row + chunk.n - 1)
-        table = np.zeros((len(decode_rows), max(map(len, decode_tables), default=1)), np.int32)
-        for i, blocks in enumerate(decode_tables):
-            table[i, : len(blocks)] = blocks
-        attend = self._mixed_attend(
-            prefills,
-            torch.tensor(decode_rows, dtype=torch.long, device=dev),
-            torch.from_numpy(table).to(dev),
-            torch.tensor(decode_lens, dtype=torch.int32, device=dev),
-        )
+        # logits in schedule order: the order of the chunks that complete
+        logit_rows = [first_row[id(c)] + c.n - 1 for c in chunks if c.completes]
+        fresh = [c for c in prompts if c.seq.n_cached == 0]
+        batches = [
+            _Batch.build([first_row[id(fresh[i])] for i in group], [fresh[i].n for i in group], dev)
+            for group in group_prompts([c.n for c in fresh])
+        ]
+        resumed = []
+        for c in prompts:
+            if c.seq.n_cached > 0:
+                assert c.seq.page_table is not None
+                ctx = c.seq.page_table.slots(0, c.seq.n_cached + c.n)
+                resumed.append(
+                    _Resumed(first_row[id(c)], c.n, c.seq.n_cached, torch.tensor(ctx, device=dev))
+                )
+        attend = self._mixed_attend(self._decode_context(decodes), batches, resumed)
         return self._body(
             torch.tensor(tokens, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -461,61 +534,94 @@ class FastPath:
             torch.tensor(logit_rows, dtype=torch.long, device=dev),
         )
 
+    def _decode_context(
+        self, decodes: Sequence[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Block table, context lengths and split count of a mixed step's decode rows.
+
+        They go through the decode graphs' own input buffer with a bucket's split count,
+        so the attention kernel gets the argument layout it was compiled for when the
+        graphs were captured: another layout (a narrower table, contiguous lengths) is
+        another Triton specialisation, JIT-compiled on first use in the middle of
+        serving while every running sequence waits.
+        """
+        n = len(decodes)
+        if n == 0:
+            return None
+        bucket = pick_bucket(n, self.buckets)
+        if bucket is None:  # more than the largest bucket (a FastPath made by hand)
+            buf = np.zeros((n, N_FIXED + self.width), np.int32)
+            pack_decode(self._decode_rows(decodes), buf, n, self.page)
+            dev = torch.from_numpy(buf).to(self.device)
+            return dev[:, N_FIXED:], dev[:, CTX_LEN], split_count(n, self.hp.n_head_kv)
+        self._stage(decodes, bucket)
+        _, _, _, lens, table = self._decode_inputs(bucket)
+        return table[:n], lens[:n], split_count(bucket, self.hp.n_head_kv)
+
     def _mixed_attend(
         self,
-        prefills: Sequence[_Prefill],
-        decode_rows: torch.Tensor,
-        decode_table: torch.Tensor,
-        decode_lens: torch.Tensor,
+        decode: tuple[torch.Tensor, torch.Tensor, int] | None,
+        batches: Sequence[_Batch],
+        resumed: Sequence[_Resumed],
     ) -> Callable[[int, torch.Tensor], torch.Tensor]:
         hp = self.hp
         dq, dk = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         gqa = hp.n_rep > 1
-        n_dec = decode_rows.shape[0]
-        split = split_count(n_dec, hp.n_head_kv)
         kv_dtype = self.cache.k.dtype
 
         def attend(il: int, qkv: torch.Tensor) -> torch.Tensor:
             out = torch.empty(qkv.shape[0], dq, device=qkv.device, dtype=qkv.dtype)
-            if n_dec:
-                q = qkv[decode_rows, :dq].view(n_dec, hp.n_head, hp.head_dim)
-                out[decode_rows] = paged_decode_attention(
-                    q,
+            if decode is not None:
+                table, lens, split = decode
+                n_dec = table.shape[0]
+                paged_decode_attention(
+                    qkv[:n_dec, :dq].view(n_dec, hp.n_head, hp.head_dim),
                     self.cache.k[il],
                     self.cache.v[il],
-                    decode_table,
-                    decode_lens,
+                    table,
+                    lens,
                     self.page,
                     hp.attn_scale,
                     split,
+                    out=out[:n_dec],
                 )
-            for p in prefills:
-                part = qkv[p.start : p.start + p.n]
-                # (1, heads, n, d): four dimensions let SDPA pick its flash kernel
-                q = part[:, :dq].view(p.n, hp.n_head, hp.head_dim).transpose(0, 1).unsqueeze(0)
-                if p.ctx_slots is None:  # the whole context is this chunk: causal
-                    k = part[:, dq : dq + dk].view(p.n, hp.n_head_kv, hp.head_dim)
-                    v = part[:, dq + dk :].view(p.n, hp.n_head_kv, hp.head_dim)
-                    if kv_dtype != k.dtype:  # what later steps will read back
-                        k, v = k.to(kv_dtype).to(q.dtype), v.to(kv_dtype).to(q.dtype)
-                    o = F.scaled_dot_product_attention(
-                        q,
-                        k.transpose(0, 1).unsqueeze(0),
-                        v.transpose(0, 1).unsqueeze(0),
-                        is_causal=True,
-                        scale=hp.attn_scale,
-                        enable_gqa=gqa,
-                    )
+            for b in batches:
+                n_seq, length = len(b.starts), b.length
+                if b.gather is None:
+                    rows = qkv[b.starts[0] : b.starts[0] + n_seq * length]
+                    part = rows.view(n_seq, length, qkv.shape[1])
                 else:
-                    k = self.cache.k[il][p.ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-                    v = self.cache.v[il][p.ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-                    n_ctx = p.ctx_slots.shape[0]
-                    key_pos = torch.arange(n_ctx, device=q.device)
-                    query_pos = torch.arange(p.pos0, p.pos0 + p.n, device=q.device)
-                    mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)
-                    o = F.scaled_dot_product_attention(
-                        q, k, v, attn_mask=mask, scale=hp.attn_scale, enable_gqa=gqa
-                    )
+                    part = qkv[b.gather]
+                # (B, heads, length, d), the last dimension contiguous: SDPA's flash kernel
+                q = part[..., :dq].unflatten(-1, (hp.n_head, hp.head_dim)).transpose(1, 2)
+                k = part[..., dq : dq + dk].unflatten(-1, (hp.n_head_kv, hp.head_dim))
+                v = part[..., dq + dk :].unflatten(-1, (hp.n_head_kv, hp.head_dim))
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+                if kv_dtype != k.dtype:  # what later steps will read back
+                    k, v = k.to(kv_dtype).to(q.dtype), v.to(kv_dtype).to(q.dtype)
+                # causal over padded rows: a real query never sees the padding after it
+                o = F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=hp.attn_scale, enable_gqa=gqa
+                )
+                o = o.transpose(1, 2).reshape(n_seq * length, dq)
+                if b.gather is None:
+                    out[b.starts[0] : b.starts[0] + n_seq * length] = o
+                else:
+                    assert b.keep is not None
+                    assert b.dest is not None
+                    out[b.dest] = o[b.keep]
+            for p in resumed:
+                part = qkv[p.start : p.start + p.n]
+                q = part[:, :dq].view(p.n, hp.n_head, hp.head_dim).transpose(0, 1).unsqueeze(0)
+                k = self.cache.k[il][p.ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+                v = self.cache.v[il][p.ctx_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+                n_ctx = p.ctx_slots.shape[0]
+                key_pos = torch.arange(n_ctx, device=q.device)
+                query_pos = torch.arange(p.pos0, p.pos0 + p.n, device=q.device)
+                mask = key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)
+                o = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=hp.attn_scale, enable_gqa=gqa
+                )
                 out[p.start : p.start + p.n] = o[0].transpose(0, 1).reshape(p.n, dq)
             return out
 

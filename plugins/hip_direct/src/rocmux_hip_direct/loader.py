@@ -10,7 +10,7 @@ torch's CPU threads. ``extra_flags`` take hip_direct's own options::
     --dtype f32|f16|bf16       compute dtype (default f32 on CPU, f16 on a GPU)
     --kv-dtype f16|f32|bf16    KV-cache dtype (default f16, as llama.cpp)
     --block-size N             tokens per KV-cache block (default 16)
-    --max-batch-tokens N       tokens per engine step (default 512)
+    --max-batch-tokens N       tokens per engine step (default 512 on CPU, 4096 on a GPU)
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ from rocmux_hip_direct.tokenizer import Tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_PARALLEL = 4
+# Tokens per engine step. A CPU step costs in proportion to its tokens, so a small step
+# keeps decode tokens flowing between prompt chunks. A GPU step of 512 tokens leaves the
+# GPU mostly idle, and at 512 only one 512-token prompt fitted a step: concurrent
+# prompts queued behind each other a step at a time. 4096 (vLLM's
+# max_num_batched_tokens is of this order) prefills eight such prompts in one step.
+CPU_BATCH_TOKENS = 512
+CPU_PREFILL_CHUNK = 256
+GPU_BATCH_TOKENS = 4096
 # Engine steps per worker-thread trip on the GPU fast path (see HipDirectModel._burst).
 GPU_BURST = 8
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -87,6 +95,19 @@ def pick_device(config: LoadConfig) -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def step_budget(device: torch.device, flag: str | None = None) -> tuple[int, int]:
+    """(tokens per engine step, longest prompt chunk) on ``device``; ``flag`` is
+    ``--max-batch-tokens`` when given.
+
+    A GPU lets one prompt take the whole step, and several prompts share it; a CPU cuts
+    prompts into chunks of at most 256 tokens.
+    """
+    gpu = device.type == "cuda"
+    default = GPU_BATCH_TOKENS if gpu else CPU_BATCH_TOKENS
+    max_batch = int(flag) if flag is not None else default
+    return max_batch, max_batch if gpu else min(CPU_PREFILL_CHUNK, max_batch)
+
+
 def load_model(path: Path, config: LoadConfig) -> HipDirectModel:
     """Read ``path`` and build the engine; blocking (run it in a worker thread)."""
     flags = parse_extra_flags(config.extra_flags)
@@ -112,7 +133,7 @@ def load_model(path: Path, config: LoadConfig) -> HipDirectModel:
         eos_token=_token_text(tokenizer, tokenizer.eos_id),
     )
     gguf.close()  # every tensor is on the device now; the map is not needed
-    max_batch = int(flags.get("--max-batch-tokens", 512))
+    max_batch, prefill_chunk = step_budget(device, flags.get("--max-batch-tokens"))
     engine = Engine(
         model,
         tokenizer,
@@ -120,8 +141,7 @@ def load_model(path: Path, config: LoadConfig) -> HipDirectModel:
         max_seqs=config.parallel or DEFAULT_PARALLEL,
         block_size=int(flags.get("--block-size", 16)),
         max_batch_tokens=max_batch,
-        # A GPU prefills a whole batch's worth of prompt in one chunk.
-        prefill_chunk=max_batch if device.type == "cuda" else min(256, max_batch),
+        prefill_chunk=prefill_chunk,
         kv_dtype=kv_dtype,
     )
     return HipDirectModel(
