@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -136,11 +137,16 @@ def compare(
 ) -> dict[str, Any]:
     """Exact matches and, per parted sequence, the gaps at the first divergent step."""
     rows = []
+    agreeing_gaps = []  # |gap difference| at every step before any divergence
     for prompt, a, b in zip(prompts, ours, theirs, strict=True):
         ta, tb = a["tokens"], b["tokens"]
         first = next((i for i, (x, y) in enumerate(zip(ta, tb, strict=False)) if x != y), None)
         if first is None and len(ta) != len(tb):
             first = min(len(ta), len(tb))
+        same = len(ta) if first is None else first
+        agreeing_gaps += [
+            abs(x - y) for x, y in zip(a["gaps"][:same], b["gaps"][:same], strict=False)
+        ]
         row: dict[str, Any] = {"prompt": prompt, "match": first is None}
         if first is not None:
             row["first_divergence"] = first
@@ -157,6 +163,11 @@ def compare(
         "matched": matched,
         "total": len(rows),
         "max_hip_direct_gap_at_divergence": max(gaps) if gaps else None,
+        # How far the two top-1 minus top-2 gaps are apart while the tokens agree.
+        "gap_difference_max": round(max(agreeing_gaps), 6) if agreeing_gaps else None,
+        "gap_difference_median": (
+            round(statistics.median(agreeing_gaps), 6) if agreeing_gaps else None
+        ),
         "sequences": rows,
     }
 
@@ -211,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             for i, r in enumerate(result["sequences"])
             if not r["match"]
         ]
-        print(f"{mode}: {result['matched']}/{result['total']} exact; parted: {', '.join(parted)}")
+        print(
+            f"{mode}: {result['matched']}/{result['total']} exact; gaps apart by at most "
+            f"{result['gap_difference_max']} while the tokens agree; parted: {', '.join(parted)}"
+        )
     return 0
 
 
