@@ -122,6 +122,50 @@ async def test_a_stopped_runtime_that_answered_loading_fails_fast():
     assert not _alive(server.pid)
 
 
+async def test_a_model_closed_while_it_restarts_leaves_no_runtime():
+    """The pool drops a model (close) while a request restarts its crashed runtime:
+    the restart must not leave a process that nobody will stop."""
+    from rocmux.errors import ModelClosed
+
+    spawned: list[int] = []
+
+    class Spawns:
+        @hookimpl
+        def rocmux_lifecycle(self, event: LifecycleEvent) -> None:
+            if event.kind == "spawned" and event.pid is not None:
+                spawned.append(event.pid)
+
+    plugins = PluginManager()
+    plugins.register(Spawns(), name="spawns")
+    model = ServedModel(
+        backend="test",
+        model_path=Path("m.gguf"),
+        make_launch=lambda: _launch("--ready-after", "0.5"),
+        plugins=plugins,
+    )
+    await model.start()
+    assert model.server is not None
+    os.kill(model.server.pid, signal.SIGKILL)
+    await model.server.wait_exit(5)
+    outcome: list[BaseException] = []
+
+    async def restart() -> None:
+        try:
+            await model.ensure_running()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(restart)
+        await anyio.sleep(0.2)  # the restart is waiting for its new runtime to be ready
+        await model.close()
+    assert len(spawned) == 2
+    assert [type(e) for e in outcome] == [ModelClosed]
+    with anyio.fail_after(5):
+        while any(_alive(pid) for pid in spawned):
+            await anyio.sleep(0.02)
+
+
 def test_served_model_takes_the_startup_limits_in_effect():
     token = startup_limits.set(StartupLimits(stall_timeout=7.0, startup_timeout=900.0))
     try:

@@ -84,6 +84,13 @@ class ServedModel(TextModel):
         except BaseException as exc:
             self._error = exc
             raise
+        if self._closed:
+            # Closed while it started (the pool dropped this model): nothing would ever
+            # stop this process.
+            await server.stop()
+            raise ModelClosed(
+                f"the {self.backend} model {self.model_path.name} was closed while it started"
+            )
         old_client = self._client
         self.server = server
         self._client = OpenAIClient(server.url, self.backend, self.plugins)
@@ -122,6 +129,12 @@ class ServedModel(TextModel):
         async with self._lock:
             if self.server is not None and self.server.running and self._client is not None:
                 return self._client
+            if self._closed:
+                # close() came while this waited for the lock: restarting would leave
+                # a process that nobody stops.
+                raise ModelClosed(
+                    f"the {self.backend} model {self.model_path.name} was closed; load it again"
+                )
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < self.restart_window]
             if len(self._restarts) >= self.max_restarts:
