@@ -6,7 +6,8 @@
 #   2. rocmux bench: llamacpp_hip and hip_direct on a SmolLM2-135M copy (real header and
 #      tokenizer, random weights: the real file does not fit the carry limit) and a
 #      Llama-3.2-1B-shaped f16 model, at 1, 8 and 32 concurrent requests;
-#   3. bench/budget.py --shape 1b: three 1B-shaped models under a budget that holds two.
+#   3. bench/budget.py --shape 1b: three 1B-shaped models under a budget that holds two;
+#   4. (PARTS=proxy) bench/proxy.py: direct llama-server vs rocmux serve, and swaps.
 # Run with carry=[".devgpu"]: WHEELS=.devgpu bash bench/gpu/serve_gpu_run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/rocmux-out}
@@ -32,7 +33,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
 
 models=/tmp/rocmux-models
 mkdir -p "$models"
-python3 - "$WHEELS/smollm2_skeleton.gguf" "$models" <<'EOF'
+python3 - "$WHEELS/smollm2_skeleton.gguf" "$models" "$PARTS" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ one_b = models / "llama-3.2-1b-shape.f16.gguf"
 if not smol.exists():
     direct_gpu.fill_skeleton(skeleton, smol)
 if not one_b.exists():
-    direct_gpu.llama_1b(one_b)
+    if "bench" in sys.argv[3]:
+        direct_gpu.llama_1b(one_b)
 print(smol, one_b)
 EOF
 
@@ -59,4 +61,11 @@ if [[ $PARTS == *budget* ]]; then
     timeout 300 python3 bench/budget.py --shape 1b --models-dir /tmp/rocmux-budget \
         --json "$OUT/budget-gpu.json" --plot "$OUT/budget-gpu.png" \
         2>&1 | tail -40 | tee "$OUT/budget-gpu.txt"
+fi
+if [[ $PARTS == *proxy* ]]; then
+    # No LiteLLM here (no network to install it): direct and rocmux only.
+    timeout 400 python3 bench/proxy.py --model "$models"/SmolLM2-135M-Instruct.Q4_1.random.gguf \
+        --rounds "${ROUNDS:-60,15,8}" --swaps "${SWAPS:-16}" --litellm /nonexistent \
+        --json "$OUT/proxy-gpu.json" --plot "$OUT/proxy-gpu.png" --no-docs \
+        2>&1 | grep -v '^swap [0-9]' | tail -30 | tee "$OUT/proxy-gpu.txt"
 fi
