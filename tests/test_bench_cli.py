@@ -343,6 +343,10 @@ def test_failed_run_gives_status_1_and_a_row(tmp_path, capsys):
     assert code == 1
     assert "StartupFailed: boom" in out
     assert "busy host: others used 1.3 cores" in out
+    doc["environment"]["cpu_count"] = 16  # 1.3 of 16 cores is no disturbance
+    saved.write_text(json.dumps(doc))
+    _, out, _ = _bench(capsys, "--from-json", str(saved))
+    assert "busy host" not in out
 
 
 # -- pieces --------------------------------------------------------------------------------------

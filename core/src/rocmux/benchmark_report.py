@@ -133,18 +133,26 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-# Other processes using this much CPU during a level make its numbers suspect.
+# Other processes using this much CPU during a level make its numbers suspect: a quarter
+# of a core, or a tenth of the machine's cores where there are many.
 BUSY_CORES = 0.25
+BUSY_SHARE = 0.1
 
 
-def _notes(level: Mapping[str, Any], target: int | None) -> str:
+def busy_threshold(doc: Mapping[str, Any]) -> float:
+    """Cores that other processes may use during a level before it is marked."""
+    cores = doc.get("environment", {}).get("cpu_count") or 1
+    return max(BUSY_CORES, BUSY_SHARE * cores)
+
+
+def _notes(level: Mapping[str, Any], target: int | None, busy: float = BUSY_CORES) -> str:
     notes = []
     if level.get("errors"):
         notes.append(f"{level['errors']} failed")
     if level.get("short_streams"):
         notes.append(f"{level['short_streams']} stopped early (EOS)")
     other = level.get("other_cpu_cores")
-    if other is not None and other >= BUSY_CORES:
+    if other is not None and other >= busy:
         notes.append(f"busy host: others used {other:.1f} cores")
     seen = level.get("prompt_tokens_seen") or []
     if target is not None and seen and seen != [target]:
@@ -187,7 +195,7 @@ NUMBER_COLUMNS = (
 )
 
 
-def _cells(row: Row, target: int | None) -> tuple[list[str], str]:
+def _cells(row: Row, target: int | None, busy: float = BUSY_CORES) -> tuple[list[str], str]:
     """The number cells of a row (``NUMBER_COLUMNS``) and its notes."""
     if row.error is not None:
         return ["-"] * len(NUMBER_COLUMNS), row.error
@@ -201,7 +209,7 @@ def _cells(row: Row, target: int | None) -> tuple[list[str], str]:
         _num(level.get("decode_tps_median")),
         _num(level.get("aggregate_tps")),
         f"+{human_bytes(value, 0)} {kind}" if value is not None else "-",
-    ], _notes(level, target)
+    ], _notes(level, target, busy)
 
 
 def render_table(doc: Mapping[str, Any], console: Console) -> None:
@@ -214,7 +222,7 @@ def render_table(doc: Mapping[str, Any], console: Console) -> None:
     all_rows = rows(doc)
     target = doc.get("settings", {}).get("prompt_tokens")
     with_setting = any(r.setting for r in all_rows)
-    cells = [_cells(row, target) for row in all_rows]
+    cells = [_cells(row, target, busy_threshold(doc)) for row in all_rows]
     narrow = console.width < 120
     keep = [i for i in range(len(NUMBER_COLUMNS)) if not narrow or i != 2]
     # One model: its name goes to the title rather than onto every row.
@@ -261,7 +269,7 @@ def markdown_table(doc: Mapping[str, Any]) -> str:
     rule = ["---"] * len(names) + ["---:"] * len(NUMBER_COLUMNS) + ["---"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
     for row in all_rows:
-        numbers, notes = _cells(row, target)
+        numbers, notes = _cells(row, target, busy_threshold(doc))
         parts = [row.model, row.backend] + ([row.setting] if with_setting else [])
         lines.append("| " + " | ".join([*parts, *numbers, notes]) + " |")
     return "\n".join(lines)
