@@ -17,11 +17,12 @@ from rocmux_hip_direct import fast as fast_module  # noqa: E402
 from rocmux_hip_direct.engine import Engine  # noqa: E402
 from rocmux_hip_direct.fast import FastPath, group_prompts  # noqa: E402
 from rocmux_hip_direct.gguf_file import GGUFFile  # noqa: E402
+from rocmux_hip_direct.kv_cache import BlockAllocator  # noqa: E402
 from rocmux_hip_direct.loader import step_budget  # noqa: E402
 from rocmux_hip_direct.model import LlamaModel  # noqa: E402
 from rocmux_hip_direct.plugin import HipDirectBackend  # noqa: E402
 from rocmux_hip_direct.sampling import SamplingParams  # noqa: E402
-from rocmux_hip_direct.scheduler import ScheduledChunk  # noqa: E402
+from rocmux_hip_direct.scheduler import ScheduledChunk, Scheduler, Sequence  # noqa: E402
 from rocmux_hip_direct.tokenizer import Tokenizer  # noqa: E402
 
 SPEC = TinyLlama(n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=192, context_length=1024)
@@ -44,6 +45,7 @@ def _engine(
     block: int = 16,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    whole_prompts: bool = False,
 ) -> Engine:
     gguf = GGUFFile(path)
     try:
@@ -59,6 +61,7 @@ def _engine(
         block_size=block,
         max_batch_tokens=budget[0],
         prefill_chunk=budget[1],
+        whole_prompts=whole_prompts,
     )
 
 
@@ -115,6 +118,44 @@ def test_the_old_gpu_budget_took_a_step_per_prompt(tiny_path):
         while engine.step():
             pass
         assert len([s for s in steps if any(n > 1 for _, n in s)]) == prefill_steps
+
+
+def test_whole_prompts_wait_for_the_next_step_instead_of_being_cut():
+    def schedule(whole: bool) -> list[list[tuple[int, int]]]:
+        scheduler = Scheduler(BlockAllocator(64, 16), 8, 64, 64, whole_prompts=whole)
+        for i in range(3):
+            scheduler.add(Sequence(id=i + 1, prompt=list(range(1, 31)), max_tokens=4))
+        steps = []
+        for _ in range(2):
+            chunks = scheduler.schedule()
+            steps.append([(c.seq.id, c.n) for c in chunks])
+            for c in chunks:
+                done = c.completes
+                c.seq.n_cached += c.n
+                if done:
+                    c.seq.tokens.append(7)
+        return steps
+
+    assert schedule(False) == [[(1, 30), (2, 30), (3, 4)], [(1, 1), (2, 1), (3, 26)]]
+    assert schedule(True) == [[(1, 30), (2, 30)], [(1, 1), (2, 1), (3, 30)]]
+    # a prompt alone in a step is still cut: it could never fit otherwise
+    scheduler = Scheduler(BlockAllocator(64, 16), 8, 64, 64, whole_prompts=True)
+    scheduler.add(Sequence(id=1, prompt=list(range(1, 101)), max_tokens=4))
+    assert [(c.seq.id, c.n) for c in scheduler.schedule()] == [(1, 64)]
+
+
+def test_thirty_two_prompts_on_the_gpu_budget_leave_no_tails(tiny_path):
+    """As ``rocmux bench`` at c=32: 32 prompts of 512 tokens go in whole, eight or seven
+    a step, with the decode tokens of those already in; none is cut in two."""
+    engine = _engine(tiny_path, 640, 32, step_budget(torch.device("cuda")), whole_prompts=True)
+    steps = _watch(engine)
+    for i in range(32):
+        engine.submit(_prompt(i, 512), GREEDY, max_tokens=2)
+    while engine.step():
+        pass
+    prompt_chunks = [n for s in steps for _, n in s if n > 1]
+    assert prompt_chunks == [512] * 32
+    assert len([s for s in steps if any(n > 1 for _, n in s)]) == 5
 
 
 @pytest.mark.anyio

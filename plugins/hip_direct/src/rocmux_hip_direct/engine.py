@@ -42,6 +42,7 @@ class Engine:
         prefill_chunk: int = 256,
         kv_dtype: torch.dtype = torch.float16,
         n_blocks: int | None = None,
+        whole_prompts: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -61,7 +62,9 @@ class Engine:
             kv_dtype,
             model.device,
         )
-        self.scheduler = Scheduler(self.cache.allocator, max_seqs, max_batch_tokens, prefill_chunk)
+        self.scheduler = Scheduler(
+            self.cache.allocator, max_seqs, max_batch_tokens, prefill_chunk, whole_prompts
+        )
         # GPU: fused kernels and graph-captured decode steps (None on the CPU).
         self.fast = FastPath.create(model, self.cache, n_ctx, max_seqs)
         self._ids = itertools.count(1)

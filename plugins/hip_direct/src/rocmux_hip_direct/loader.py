@@ -143,6 +143,8 @@ def load_model(path: Path, config: LoadConfig) -> HipDirectModel:
         max_batch_tokens=max_batch,
         prefill_chunk=prefill_chunk,
         kv_dtype=kv_dtype,
+        # a GPU step is cheap but a prompt's tail in the next one is not (scheduler.py)
+        whole_prompts=device.type == "cuda",
     )
     return HipDirectModel(
         path=path,

@@ -2,7 +2,9 @@
 
 Each step the scheduler picks, within a token budget: one token for every running
 sequence that is decoding, then prompt chunks for sequences still prefilling, then
-new sequences from the waiting queue while blocks and seats last. A sequence whose
+new sequences from the waiting queue while blocks and seats last (with
+``whole_prompts``, as on a GPU, a prompt is not cut to fit what other prompts left of
+the budget: it goes first in the next step). A sequence whose
 next token finds no free block makes the youngest running sequence give its blocks
 back; that one later recomputes its prompt and output (recompute preemption).
 """
@@ -136,11 +138,17 @@ class Scheduler:
         max_seqs: int,
         max_batch_tokens: int,
         prefill_chunk: int,
+        whole_prompts: bool = False,
     ) -> None:
         self.allocator = allocator
         self.max_seqs = max_seqs
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk = prefill_chunk
+        # A waiting prompt that only part of the step's budget is left for waits for the
+        # next step instead of being cut, when other prompts already share this one: a
+        # cut leaves a tail that attends to the cached context through a slower path
+        # (the GPU sets this; a CPU step's cost does not care).
+        self.whole_prompts = whole_prompts
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -191,6 +199,7 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, 1))
                 budget -= 1
         # 2. prompt chunks of sequences already admitted
+        prompt_tokens = 0
         for seq in self.running:
             if budget < 1:
                 break
@@ -200,10 +209,13 @@ class Scheduler:
                 if seq.page_table.ensure(seq.n_cached + n):
                     chunks.append(ScheduledChunk(seq, n))
                     budget -= n
+                    prompt_tokens += n
         # 3. admit new sequences while seats, budget and blocks last
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
             n = min(seq.n_pending, budget, self.prefill_chunk)
+            if self.whole_prompts and n < seq.n_pending and prompt_tokens:
+                break  # first in the next step (a prompt alone in a step is still cut)
             assert seq.page_table is not None
             if not seq.page_table.ensure(seq.n_cached + n):
                 break
@@ -214,4 +226,5 @@ class Scheduler:
                 seq.t_first_scheduled = time.perf_counter()
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
+            prompt_tokens += n
         return chunks
