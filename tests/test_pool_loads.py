@@ -166,6 +166,45 @@ async def test_a_model_closed_while_it_restarts_leaves_no_runtime():
             await anyio.sleep(0.02)
 
 
+async def test_a_runtime_the_monitor_cannot_restart_is_closed_with_its_instance():
+    """The health monitor's restart of a dead runtime fails (a spoiled spawn) and the
+    pool drops the instance: the model must be closed too, or a request that took the
+    instance meanwhile would restart a runtime the pool no longer tracks."""
+    from rocmux.errors import ModelClosed
+
+    spoiled = False
+
+    def make_launch() -> Launch:
+        return _launch("--exit-code", "3") if spoiled else _launch()
+
+    plugins = PluginManager()
+    model = ServedModel(
+        backend="test", model_path=Path("m.gguf"), make_launch=make_launch, plugins=plugins
+    )
+    await model.start()
+    assert model.server is not None
+    entry = ModelEntry(name="m", path=Path("m.gguf"))
+    pool = ModelPool(entries=[entry], limits=Limits(), plugins=plugins)
+    instance = Instance(key="k", entry=entry, path=Path("m.gguf"), backend="test")
+    instance.model, instance.state = model, "ready"
+    pool.instances["k"] = instance
+    spoiled = True
+    os.kill(model.server.pid, signal.SIGKILL)
+    await model.server.wait_exit(5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(pool.monitor_health_forever, interval=0.05))
+        with anyio.fail_after(10):
+            while pool.instances:
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+    assert instance.state == "failed"
+    assert "exit" in (instance.error or "")
+    spoiled = False  # the next spawn would work: nothing may make one now
+    with pytest.raises(ModelClosed):
+        await model.ensure_running()
+    await pool.aclose()
+
+
 def test_served_model_takes_the_startup_limits_in_effect():
     token = startup_limits.set(StartupLimits(stall_timeout=7.0, startup_timeout=900.0))
     try:

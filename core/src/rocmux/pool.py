@@ -727,6 +727,10 @@ class ModelPool:
                     instance.error = str(exc)
                     instance.state = "failed"
                     self._remove(instance)
+                    # A request that took the instance while the restart failed would
+                    # restart it again, outside the pool: close it so nothing can.
+                    with anyio.CancelScope(shield=True):
+                        await instance.model.close()  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
         """Unload everything. Idempotent."""
