@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from rocmux.config import ServerSettings
 from rocmux.errors import RocmuxError, ServerCrashed
 from rocmux.pool import Instance, ModelPool, ModelTooLarge, ModelUnknown, PoolBusy
+from rocmux.relay import RelayClient, RelayResponse
 from rocmux.types import GenerateConfig, Message
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -383,24 +384,11 @@ class Api:
     pool: ModelPool
     settings: ServerSettings
     metrics: Metrics
-    http: httpx.AsyncClient = attrs.field(init=False)
+    relay: RelayClient = attrs.field(factory=RelayClient, init=False)
+    """Runtimes on plain-HTTP URLs (loopback): the lean streaming client."""
     _https: httpx.AsyncClient | None = attrs.field(default=None, init=False)
     shutting_down: bool = attrs.field(default=False, init=False)
     """Set when the drain deadline of a graceful shutdown has passed."""
-
-    def __attrs_post_init__(self) -> None:
-        self.http = httpx.AsyncClient(
-            trust_env=False,
-            timeout=httpx.Timeout(None, connect=10.0),
-            # Runtimes listen on plain-HTTP loopback URLs: no TLS context to build.
-            verify=False,
-            # Idle connections are dropped well before llama-server (cpp-httplib) closes
-            # them after 5 s: with equal timeouts, a request sent on a connection the
-            # runtime is closing fails ("Server disconnected without sending a response").
-            limits=httpx.Limits(
-                max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0
-            ),
-        )
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -578,10 +566,9 @@ class Api:
         release: Callable[[], Awaitable[None]],
     ) -> Response:
         model = instance.entry.name
-        # Each read (the first byte, every later chunk) must come within stall_timeout.
-        timeout = httpx.Timeout(None, connect=10.0, read=self.pool.limits.stall_timeout)
         try:
-            upstream = await self._send(instance, path, raw, timeout)
+            # Each read (the first byte, every later chunk) must come within stall_timeout.
+            upstream = await self._send(instance, path, raw, self.pool.limits.stall_timeout)
         except httpx.ReadTimeout:
             await release()
             message = await self._stalled(instance)
@@ -646,21 +633,23 @@ class Api:
         return _Stream(body(), cleanup)
 
     async def _send(
-        self, instance: Instance, path: str, raw: bytes, timeouts: httpx.Timeout
-    ) -> httpx.Response:
+        self, instance: Instance, path: str, raw: bytes, read_timeout: float | None
+    ) -> RelayResponse | httpx.Response:
         """POST to the runtime; the response head is read, the body left to stream."""
         for attempt in range(2):
             await instance.model.ensure_running()  # type: ignore[union-attr]
             url: str = instance.model.url  # type: ignore[union-attr]
-            http = self.http if url.startswith("http://") else self._tls_client()
-            request = http.build_request(
-                "POST",
-                url + path,
-                content=raw,
-                headers={"content-type": "application/json"},
-                timeout=timeouts,
-            )
             try:
+                if url.startswith("http://"):
+                    return await self.relay.post(url, path, raw, read_timeout)
+                http = self._tls_client()
+                request = http.build_request(
+                    "POST",
+                    url + path,
+                    content=raw,
+                    headers={"content-type": "application/json"},
+                    timeout=httpx.Timeout(None, connect=10.0, read=read_timeout),
+                )
                 return await http.send(request, stream=True)
             except httpx.RemoteProtocolError:
                 # "Server disconnected without sending a response": a pooled connection
@@ -849,7 +838,7 @@ class Api:
         return _Stream(body_iter(), cleanup)
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        await self.relay.aclose()
         if self._https is not None:
             await self._https.aclose()
 

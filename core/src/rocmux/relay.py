@@ -1,0 +1,306 @@
+"""A lean HTTP/1.1 client for the hot path of ``rocmux serve``: requests to runtimes
+on plain-HTTP URLs (loopback), answers streamed back chunk by chunk.
+
+httpx relays a server-sent event in about 60 µs of CPU (h11's pure-Python parsing, a
+cancel scope per read, the connection pool's scans); at 32 streams on a GPU that one
+event loop is the bottleneck. Here an :class:`asyncio.Protocol` feeds llhttp (through
+``httptools``, uvicorn's parser) and wakes the reader once for whatever arrived, so
+events that queued up while the loop was busy leave in one write.
+
+Errors are httpx's exception types, so callers handle one tree::
+
+    httpx.TransportError
+    ├── httpx.ConnectError        cannot connect (nothing listens, refused)
+    ├── httpx.ConnectTimeout      no connection within the connect timeout
+    ├── httpx.ReadTimeout         nothing received for the read (stall) timeout
+    └── httpx.RemoteProtocolError the peer closed early or sent something not HTTP
+
+Used only under an asyncio loop (uvicorn's); TLS URLs stay with httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import attrs
+import httptools
+import httpx
+
+_PAUSE_AT = 1 << 20
+"""Buffered body bytes at which reading from the runtime pauses (a slow client)."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
+        self.loop = loop
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.complete = False
+        self.closed = False
+        self.keep_alive = True
+        self.error: Exception | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.last_data = 0.0
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data = self.loop.time()
+        if self.parser is None:
+            # Bytes with no request out: the runtime is closing this idle connection.
+            self.closed = True
+            self._close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"the runtime sent something not HTTP: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.parser is not None and not self.complete:
+            if not self.head_done:
+                message = "Server disconnected without sending a response."
+            else:
+                message = "peer closed connection without sending complete message body"
+            self._fail(httpx.RemoteProtocolError(message))
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        self.head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered >= _PAUSE_AT and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # -- for the response ---------------------------------------------------------------
+
+    def begin(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.parser = httptools.HttpResponseParser(self)
+        self.status, self.headers, self.head_done, self.complete = 0, [], False, False
+        self.chunks, self.buffered, self.error = [], 0, None
+        self.last_data = self.loop.time()
+        self.transport.write(request)
+
+    def take(self) -> bytes:
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks, self.buffered = [], 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def wait(self, stall: float | None) -> None:
+        """Until something arrives (head, body, end, error); ReadTimeout after
+        ``stall`` seconds without a byte."""
+        waiter = self.waiter = self.loop.create_future()
+        timer = None
+        if stall is not None:
+            timer = self.loop.call_at(self.last_data + stall, self._check_stall, stall)
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _check_stall(self, timeout: float) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        quiet = self.loop.time() - self.last_data
+        if quiet >= timeout:
+            self._fail(httpx.ReadTimeout(f"the runtime sent nothing for {timeout:g} s"))
+        else:
+            # A byte came in meanwhile without waking the reader (a partial chunk).
+            self.waiter = waiter
+            self.loop.call_at(self.last_data + timeout, self._check_stall, timeout)
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        self._close()
+        self._wake()
+
+    def _close(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def reusable(self, now: float, expiry: float) -> bool:
+        return (
+            not self.closed
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and now - self.idle_since < expiry
+        )
+
+
+@attrs.define(eq=False)
+class RelayResponse:
+    """An answer whose head has arrived; its body is read with :meth:`aiter_raw` or
+    :meth:`aread`. :meth:`aclose` must follow (it returns the connection to the pool,
+    or drops it, which makes the runtime stop generating)."""
+
+    status_code: int
+    headers: httpx.Headers
+    _conn: _Connection
+    _client: RelayClient
+    _timeout: float | None
+    _closed: bool = False
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive, everything buffered at each wake-up joined."""
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                yield conn.take()
+                continue
+            if conn.error is not None:
+                raise conn.error
+            if conn.complete:
+                return
+            await conn.wait(self._timeout)
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_raw()])
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._client._release(self._conn)
+
+
+@attrs.define(eq=False)
+class RelayClient:
+    """Keep-alive connections per runtime address.
+
+    ``keepalive_expiry`` stays below llama-server's own idle timeout (5 s): a request
+    sent on a connection the runtime is closing fails before it reaches it.
+    """
+
+    keepalive_expiry: float = 2.0
+    connect_timeout: float = 10.0
+    _idle: dict[tuple[str, int], deque[_Connection]] = attrs.field(factory=dict, init=False)
+    _addresses: dict[str, tuple[str, int, bytes]] = attrs.field(factory=dict, init=False)
+    _open: set[_Connection] = attrs.field(factory=set, init=False)
+
+    def _address(self, base: str) -> tuple[str, int, bytes]:
+        known = self._addresses.get(base)
+        if known is None:
+            parts = urlsplit(base)
+            if parts.scheme != "http" or parts.hostname is None:
+                raise ValueError(f"the relay speaks plain HTTP only, not {base!r}")
+            port = parts.port or 80
+            known = self._addresses[base] = (parts.hostname, port, parts.netloc.encode())
+        return known
+
+    async def post(
+        self, base: str, path: str, body: bytes, read_timeout: float | None
+    ) -> RelayResponse:
+        """POST ``body`` (JSON) to ``base + path``; returns once the head arrived."""
+        host, port, netloc = self._address(base)
+        conn = await self._checkout(host, port)
+        request = b"".join(
+            (
+                b"POST ",
+                path.encode(),
+                b" HTTP/1.1\r\nHost: ",
+                netloc,
+                b"\r\nAccept: */*\r\nContent-Type: application/json\r\nContent-Length: ",
+                str(len(body)).encode(),
+                b"\r\n\r\n",
+                body,
+            )
+        )
+        conn.begin(request)
+        try:
+            while not conn.head_done:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait(read_timeout)
+        except BaseException:
+            conn._close()
+            self._open.discard(conn)
+            raise
+        headers = httpx.Headers(
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.headers]
+        )
+        return RelayResponse(conn.status, headers, conn, self, read_timeout)
+
+    async def _checkout(self, host: str, port: int) -> _Connection:
+        idle = self._idle.get((host, port))
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.reusable(now, self.keepalive_expiry):
+                return conn
+            conn._close()
+            self._open.discard(conn)
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(loop, (host, port)), host, port),
+                self.connect_timeout,
+            )
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"no connection to {host}:{port} in time") from None
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+        self._open.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
+            conn.parser = None
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(conn.key, deque()).append(conn)
+            return
+        conn._close()
+        self._open.discard(conn)
+
+    async def aclose(self) -> None:
+        for conn in list(self._open):
+            conn._close()
+        self._open.clear()
+        self._idle.clear()

@@ -1,0 +1,153 @@
+"""The serve proxy's lean HTTP/1.1 client (``rocmux.relay``) against a real process:
+``tests/servers/sse_upstream.py``, which speaks llama-server's streaming wire format
+(chunked SSE, keep-alive) and misbehaves on request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from rocmux import relay
+from rocmux.relay import RelayClient
+from rocmux.supervisor import free_port
+
+pytestmark = pytest.mark.anyio
+
+SERVER = str(Path(__file__).parent / "servers" / "sse_upstream.py")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().split()
+        assert ready[0] == "ready", ready
+        yield f"http://127.0.0.1:{ready[1]}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[RelayClient]:
+    client = RelayClient()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def body(**fields: object) -> bytes:
+    return json.dumps({"prompt": "x", "stream": True, **fields}).encode()
+
+
+def events(raw: bytes) -> list[str]:
+    return [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+
+
+async def test_a_stream_arrives_whole_and_its_connection_is_reused(upstream, client):
+    first = await client.post(upstream, "/v1/completions", body(max_tokens=20), 5.0)
+    assert first.status_code == 200
+    assert first.headers["content-type"] == "text/event-stream"
+    data = events(await first.aread())
+    await first.aclose()
+    assert data[-1] == "[DONE]"
+    texts = [json.loads(d)["choices"][0]["text"] for d in data[:-1]]
+    assert texts == [f" t{i}" for i in range(20)]
+    assert json.loads(data[-2])["usage"]["completion_tokens"] == 20
+    second = await client.post(upstream, "/v1/completions", body(max_tokens=3), 5.0)
+    assert second._conn is first._conn  # keep-alive: the same connection
+    assert len(events(await second.aread())) == 4
+    await second.aclose()
+
+
+async def test_a_plain_answer_reads_whole(upstream, client):
+    response = await client.post(upstream, "/v1/completions", body(max_tokens=5, stream=False), 5)
+    content = json.loads(await response.aread())
+    await response.aclose()
+    assert content["choices"][0]["text"] == " t0 t1 t2 t3 t4"
+
+
+async def test_an_expired_idle_connection_is_not_reused(upstream):
+    client = RelayClient(keepalive_expiry=0.0)
+    try:
+        first = await client.post(upstream, "/v1/completions", body(max_tokens=1), 5.0)
+        await first.aread()
+        await first.aclose()
+        second = await client.post(upstream, "/v1/completions", body(max_tokens=1), 5.0)
+        await second.aread()
+        await second.aclose()
+        assert second._conn is not first._conn
+        assert first._conn.closed or first._conn.transport.is_closing()
+    finally:
+        await client.aclose()
+
+
+async def test_a_stream_closed_early_drops_its_connection(upstream, client):
+    response = await client.post(upstream, "/v1/completions", body(max_tokens=1000), 5.0)
+    async for _ in response.aiter_raw():
+        break
+    await response.aclose()
+    # The runtime sees the disconnect (and stops generating): never pooled.
+    assert response._conn.transport.is_closing()
+    assert not any(client._idle.values())
+
+
+async def test_silence_past_the_stall_timeout_is_a_read_timeout(upstream, client):
+    started = time.monotonic()
+    response = await client.post(upstream, "/v1/completions", body(fault="stall"), 0.3)
+    with pytest.raises(httpx.ReadTimeout, match="nothing for 0.3 s"):
+        await response.aread()
+    await response.aclose()
+    assert time.monotonic() - started < 3
+
+
+async def test_a_cut_stream_is_a_protocol_error(upstream, client):
+    response = await client.post(upstream, "/v1/completions", body(fault="cut"), 5.0)
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending complete message"):
+        await response.aread()
+    await response.aclose()
+
+
+async def test_a_close_before_the_head_says_so(upstream, client):
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+        await client.post(upstream, "/v1/completions", body(fault="nohead"), 5.0)
+
+
+async def test_an_answer_that_is_not_http_is_a_protocol_error(upstream, client):
+    with pytest.raises(httpx.RemoteProtocolError, match="not HTTP"):
+        await client.post(upstream, "/v1/completions", body(fault="garbage"), 5.0)
+
+
+async def test_nothing_listening_is_a_connect_error(client):
+    with pytest.raises(httpx.ConnectError, match="cannot connect"):
+        await client.post(f"http://127.0.0.1:{free_port()}", "/v1/completions", b"{}", 5.0)
+
+
+async def test_https_is_refused(client):
+    with pytest.raises(ValueError, match="plain HTTP"):
+        await client.post("https://127.0.0.1:1", "/v1/completions", b"{}", 5.0)
+
+
+async def test_a_slow_reader_pauses_the_runtime_instead_of_buffering_it_all(
+    upstream, client, monkeypatch
+):
+    monkeypatch.setattr(relay, "_PAUSE_AT", 16 * 1024)
+    response = await client.post(upstream, "/v1/completions", body(max_tokens=3000), 5.0)
+    with anyio.fail_after(5):
+        while not response._conn.paused:
+            await anyio.sleep(0.01)
+    await anyio.sleep(0.2)
+    # Paused at the threshold: a few socket reads past it at most, not the whole answer.
+    assert response._conn.buffered < 16 * 1024 + 256 * 1024
+    data = events(await response.aread())
+    await response.aclose()
+    assert len(data) == 3001 and data[-1] == "[DONE]"
