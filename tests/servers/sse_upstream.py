@@ -54,11 +54,15 @@ async def answer(body: dict[str, object], w: asyncio.StreamWriter, interval: flo
     if not body.get("stream"):
         text = "".join(f" t{i}" for i in range(n))
         payload = json.dumps(
-            {"choices": [{"text": text, "index": 0, "finish_reason": "length"}],
-             "usage": {"completion_tokens": n, "prompt_tokens": 5, "total_tokens": n + 5}}
+            {
+                "choices": [{"text": text, "index": 0, "finish_reason": "length"}],
+                "usage": {"completion_tokens": n, "prompt_tokens": 5, "total_tokens": n + 5},
+            }
         ).encode()
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        w.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
         return True
     w.write(HEAD)
     for i in range(n):
