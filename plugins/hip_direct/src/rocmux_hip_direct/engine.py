@@ -4,28 +4,48 @@
 arrive from other threads through thread-safe queues and are applied at the start
 and end of a step, so the scheduler's state is only ever touched by the thread that
 steps (or, between steps, by whoever holds the caller's step lock).
+
+With the fast path (a GPU), decode steps overlap the host's work: a step of single
+tokens whose sequences can all be sampled on the device is launched without waiting
+for it, and while the same batch keeps decoding, each ``step()`` launches the next
+step (its tokens fed on the device) before it reads the last one's tokens and does
+their host work (stop checks, text, events). A sequence that a token read one step
+late ends has one more step computed for it, whose token is dropped. Anything else
+(a new or cancelled request, a sequence about to reach its length, preemption, a
+prompt chunk) first reads the tokens in flight, then steps as before.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import attrs
+import numpy as np
 import torch
 from rocmux.types import Token, Usage
 
-from rocmux_hip_direct.fast import FastPath
+from rocmux_hip_direct.fast import FastPath, Launched, pick_bucket
 from rocmux_hip_direct.kv_cache import PagedKVCache
 from rocmux_hip_direct.model import LlamaModel, SeqBatch
-from rocmux_hip_direct.sampling import SamplingParams, sample
+from rocmux_hip_direct.sampling import SamplingParams, row_params, sample, top_k_of
 from rocmux_hip_direct.scheduler import ScheduledChunk, Scheduler, Sequence, Status
 
 if TYPE_CHECKING:
     from rocmux_hip_direct.tokenizer import Tokenizer
+
+
+@attrs.define(eq=False)
+class _InFlight:
+    """A launched decode step whose tokens the host has not read: row i is seqs[i]."""
+
+    seqs: list[Sequence]
+    step: Launched
 
 
 class Engine:
@@ -67,6 +87,10 @@ class Engine:
         )
         # GPU: fused kernels and graph-captured decode steps (None on the CPU).
         self.fast = FastPath.create(model, self.cache, n_ctx, max_seqs)
+        # Launch decode steps ahead of reading their tokens (module docstring);
+        # ROCMUX_HIP_DIRECT_OVERLAP=0 waits for every step.
+        self.overlap = self.fast is not None and os.environ.get("ROCMUX_HIP_DIRECT_OVERLAP") != "0"
+        self._inflight: _InFlight | None = None
         self._ids = itertools.count(1)
         self._incoming: deque[Sequence] = deque()
         self._cancelled: deque[Sequence] = deque()
@@ -113,7 +137,12 @@ class Engine:
             self._cancelled.append(seq)
 
     def apply_pending(self) -> None:
-        """Admit queued requests and carry out cancellations (call with no step running)."""
+        """Read the tokens of a step in flight, then admit queued requests and carry out
+        cancellations (call with no step running)."""
+        self.drain()
+        self._apply_queues()
+
+    def _apply_queues(self) -> None:
         with self._lock:
             incoming = list(self._incoming)
             cancelled = list(self._cancelled)
@@ -127,29 +156,140 @@ class Engine:
     def has_work(self) -> bool:
         with self._lock:
             queued = bool(self._incoming or self._cancelled)
-        return queued or self.scheduler.has_work()
+        return queued or self.scheduler.has_work() or self._inflight is not None
 
     # -- stepping (one thread at a time) ------------------------------------------------
 
     def step(self) -> bool:
         """Run one batch; False when there was nothing to run."""
-        self.apply_pending()
+        self._apply_queues()
+        if self._inflight is not None:
+            if self._continue():
+                self.steps += 1
+                return True
+            self.drain()
         chunks = self.scheduler.schedule()
         if not chunks:
             return False
         if self.on_step is not None:
             self.on_step(chunks)
         try:
-            self._run(chunks)
+            if self._can_launch(chunks):
+                self._launch([c.seq for c in chunks], ahead=False)
+            else:
+                self._run(chunks)
         except Exception as exc:
-            for chunk in chunks:
-                chunk.seq.error = exc
-                self.scheduler.finish(chunk.seq, "error")
+            self._fail([c.seq for c in chunks], exc)
             raise
         finally:
-            self.apply_pending()
+            self._apply_queues()
         self.steps += 1
         return True
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        self._inflight = None
+        for seq in seqs:
+            seq.error = exc
+            self.scheduler.finish(seq, "error")
+
+    # -- decode steps launched ahead of their tokens (the fast path) ----------------------
+
+    def _device_sampled(self, seq: Sequence) -> bool:
+        return seq.sampling.repeat_penalty == 1.0 and seq.gaps is None
+
+    def _can_launch(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether this step can go through :meth:`_launch`: single decode tokens within
+        a bucket, every sequence sampled on the device."""
+        return (
+            self.overlap
+            and self.fast is not None
+            and pick_bucket(len(chunks), self.fast.buckets) is not None
+            and all(c.n == 1 and c.completes and self._device_sampled(c.seq) for c in chunks)
+        )
+
+    def _continue(self) -> bool:
+        """Launch the next step of the batch in flight, then read the one in flight;
+        False (nothing done) when the batch changed or may end at its next token."""
+        inflight = self._inflight
+        assert inflight is not None
+        seqs = inflight.seqs
+        sched = self.scheduler
+        if sched.running != seqs:  # one ended or was cancelled, or one was admitted
+            return False
+        if sched.waiting and len(sched.running) < sched.max_seqs:
+            return False  # a waiting request can join: step it in
+        for seq in seqs:
+            # after the token in flight, one more must still be wanted
+            if seq.n_generated + 1 >= seq.max_tokens or len(seq.tokens) + 1 >= self.n_ctx:
+                return False
+        for seq in seqs:
+            assert seq.page_table is not None
+            if not seq.page_table.ensure(seq.n_cached + 1):
+                return False  # preemption: the scheduler's business
+        if self.on_step is not None:
+            self.on_step([ScheduledChunk(seq, 1) for seq in seqs])
+        try:
+            self._launch(seqs, ahead=True)
+            self._collect(inflight)
+        except Exception as exc:
+            self._fail(seqs, exc)
+            raise
+        return True
+
+    def _launch(self, seqs: list[Sequence], ahead: bool) -> None:
+        """Start a decode step of ``seqs`` without waiting; with ``ahead``, each one's
+        token is the one the step in flight chooses for it (the same row)."""
+        assert self.fast is not None
+        rows = []
+        for i, seq in enumerate(seqs):
+            assert seq.page_table is not None
+            pos = seq.n_cached
+            token = -(i + 1) if ahead else seq.tokens[pos]
+            rows.append((token, pos, seq.page_table.blocks))
+        params = None
+        k_max = 1
+        if not all(seq.sampling.greedy for seq in seqs):
+            n_vocab = self.model.hp.n_vocab
+            params = np.array(
+                [
+                    row_params(
+                        seq.sampling,
+                        n_vocab,
+                        0.0
+                        if seq.sampling.greedy
+                        else float(torch.rand((), generator=seq.generator)),
+                    )
+                    for seq in seqs
+                ],
+                dtype=np.float32,
+            )
+            k_max = max(top_k_of(seq.sampling, n_vocab) for seq in seqs)
+        step = self.fast.launch(rows, params, k_max)
+        for seq in seqs:
+            seq.n_cached += 1
+        self._inflight = _InFlight(list(seqs), step)
+
+    def _collect(self, inflight: _InFlight) -> None:
+        """Wait for ``inflight``'s tokens and take them (those of sequences that ended
+        meanwhile are dropped)."""
+        if self._inflight is inflight:
+            self._inflight = None
+        assert self.fast is not None
+        tokens = self.fast.collect(inflight.step)
+        for seq, token in zip(inflight.seqs, tokens, strict=True):
+            if not seq.done:
+                self._accept(seq, token)
+
+    def drain(self) -> None:
+        """Read the tokens of the step in flight, if any (waits for the GPU)."""
+        inflight = self._inflight
+        if inflight is None:
+            return
+        try:
+            self._collect(inflight)
+        except Exception as exc:
+            self._fail(inflight.seqs, exc)
+            raise
 
     def _run(self, chunks: list[ScheduledChunk]) -> None:
         if self.fast is not None:
@@ -264,6 +404,9 @@ class Engine:
 
     def release(self) -> None:
         """Drop the weights and the cache tensors; the engine cannot step afterwards."""
+        if self._inflight is not None and self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        self._inflight = None
         if self.fast is not None:
             self.fast.release()
             self.fast = None

@@ -14,7 +14,14 @@
 * a step whose chunks are all single tokens replays a CUDA/HIP graph captured for the
   smallest batch bucket (1, 2, 4, … up to ``max_seqs``) that holds it, with every
   per-step input (tokens, positions, slots, context lengths, the block table) in one
-  static int32 buffer filled by one host-to-device copy.
+  static int32 buffer filled by one host-to-device copy;
+* :meth:`FastPath.launch` runs such a step without waiting for it: the graph also takes
+  each row's arg-max (sampled rows are drawn on the device after it), keeps the chosen
+  tokens on the device, where the next step's graph reads them (a negative token in the
+  input buffer, ``-(j + 1)``, means "row ``j``'s choice of the step before"), and copies
+  them to pinned host memory behind an event. The engine launches step t+1 before it
+  reads step t's tokens, so the host's work (stop checks, detokenizing, streaming)
+  overlaps the GPU's.
 
 Weights stay as the loader made them: dequantized once to the compute dtype (f16 on a
 GPU by default), so every batch size gets the vendor BLAS (cuBLAS / hipBLASLt).
@@ -34,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from rocmux_hip_direct.fused import add_rms_norm, paged_decode_attention, rope_store, swiglu
+from rocmux_hip_direct.sampling import S_COLS, sample_rows
 
 if TYPE_CHECKING:
     from rocmux_hip_direct.kv_cache import PagedKVCache
@@ -181,6 +189,16 @@ def _fuse(linears: Sequence[Linear]) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 @attrs.define(eq=False)
+class Launched:
+    """A decode step launched by :meth:`FastPath.launch`: its ``n`` tokens arrive in
+    ``host`` once ``event`` has passed (None: already there)."""
+
+    n: int
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+
+@attrs.define(eq=False)
 class _Resumed:
     """A prompt chunk after earlier ones: rows ``start:start+n`` at positions ``pos0..``,
     attending to the cached context through ``ctx_slots`` (positions 0..pos0+n-1)."""
@@ -278,12 +296,22 @@ class FastPath:
         self._host = torch.zeros(rows, cols, dtype=torch.int32, pin_memory=pin)
         self._host_np = self._host.numpy()
         self._dev = torch.zeros(rows, cols, dtype=torch.int32, device=self.device)
+        # Each decode row's chosen token, kept on the device for the next step; its
+        # copies to the host (two, used in turn: one may still be read while the next
+        # is written); the sampling parameters of launched steps (two, likewise).
+        self._next = torch.zeros(rows, dtype=torch.int32, device=self.device)
+        self._tok_host = torch.zeros(2, rows, dtype=torch.int32, pin_memory=pin)
+        self._tok_turn = 0
+        self._par_host = torch.zeros(2, rows, S_COLS, dtype=torch.float32, pin_memory=pin)
+        self._par_dev = torch.zeros(rows, S_COLS, dtype=torch.float32, device=self.device)
+        self._par_copied: list[torch.cuda.Event | None] = [None, None]
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: object | None = None
         self._copied: torch.cuda.Event | None = None
         self.graph_steps = 0  # decode steps replayed from a graph
         self.staged_steps = 0  # decode steps through the same inputs, run eagerly
         self.eager_steps = 0  # steps with prompt chunks
+        self.launched_steps = 0  # decode steps through launch(), tokens read later
 
     @classmethod
     def create(
@@ -423,7 +451,9 @@ class FastPath:
         return rows
 
     def _stage(self, chunks: Sequence[ScheduledChunk], bucket: int) -> None:
-        rows = self._decode_rows(chunks)
+        self._stage_rows(self._decode_rows(chunks), bucket)
+
+    def _stage_rows(self, rows: Sequence[tuple[int, int, Sequence[int]]], bucket: int) -> None:
         if self._copied is not None:
             self._copied.synchronize()  # the last copy out of the pinned buffer is done
         pack_decode(rows, self._host_np, bucket, self.page)
@@ -446,16 +476,89 @@ class FastPath:
         d = self._dev[:bucket]
         return d[:, TOKEN], d[:, POSITION], d[:, SLOT], d[:, CTX_LEN], d[:, N_FIXED:]
 
+    def _decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The input buffer's token column with each ``-(j + 1)`` replaced by the token
+        that row ``j`` of the step before chose (still on the device)."""
+        prev = self._next[(-1 - tokens).clamp(min=0)]
+        return torch.where(tokens < 0, prev, tokens)
+
+    def _decode_step(
+        self, bucket: int, attend: Callable[[int, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """A decode step's body as the graphs hold it: logits of every bucket row, and
+        their arg-max left in ``_next``."""
+        tokens, positions, slots, _, _ = self._decode_inputs(bucket)
+        out = self._body(self._decode_tokens(tokens), positions, slots, attend)
+        self._next[:bucket].copy_(torch.argmax(out, dim=-1))
+        return out
+
+    def launch(
+        self, rows: Sequence[tuple[int, int, Sequence[int]]], params: np.ndarray | None, k_max: int
+    ) -> Launched:
+        """Start a decode step (``len(rows)`` within a bucket) and return at once.
+
+        ``rows`` as :func:`pack_decode`'s, a token ``-(j + 1)`` being row ``j``'s choice
+        of the step launched before. ``params``: (rows, S_COLS) rows of
+        :func:`~rocmux_hip_direct.sampling.row_params`, or None when every row is greedy;
+        ``k_max`` the largest top-k among them. :meth:`collect` gives the tokens.
+        """
+        n = len(rows)
+        bucket = pick_bucket(n, self.buckets)
+        if bucket is None:
+            raise ValueError("more sequences than the largest bucket")
+        self._stage_rows(rows, bucket)
+        with torch.inference_mode():
+            if self.use_graphs:
+                if bucket not in self._graphs:
+                    self.capture([bucket])
+                graph, out = self._graphs[bucket]
+                graph.replay()
+                self.graph_steps += 1
+            else:
+                _, _, _, lens, table = self._decode_inputs(bucket)
+                split = split_count(bucket, self.hp.n_head_kv)
+                out = self._decode_step(bucket, self._decode_attend(table, lens, split))
+                self.staged_steps += 1
+            if params is not None:
+                turn = self._tok_turn
+                event = self._par_copied[turn]
+                if event is not None:
+                    event.synchronize()
+                host = self._par_host[turn, :n]
+                host.copy_(torch.from_numpy(params))
+                dev = self._par_dev[:n]
+                dev.copy_(host, non_blocking=True)
+                if self.device.type == "cuda":
+                    self._par_copied[turn] = torch.cuda.Event()
+                    self._par_copied[turn].record()  # type: ignore[union-attr]
+                self._next[:n].copy_(sample_rows(out[:n], dev, k_max, self._next[:n]))
+        turn, self._tok_turn = self._tok_turn, self._tok_turn ^ 1
+        tok_host = self._tok_host[turn, :n]
+        tok_host.copy_(self._next[:n], non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        self.launched_steps += 1
+        return Launched(n, tok_host, done)
+
+    @staticmethod
+    def collect(step: Launched) -> list[int]:
+        """The tokens of a launched step, once the GPU has made them (waits)."""
+        if step.event is not None:
+            step.event.synchronize()
+        return step.host[: step.n].tolist()
+
     def decode_eager(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
         """A decode step through the graph's code path without the graph (tests)."""
         bucket = pick_bucket(len(chunks), self.buckets) or len(chunks)
         if bucket > self._dev.shape[0]:
             raise ValueError("more sequences than the largest bucket")
         self._stage(chunks, bucket)
-        tokens, positions, slots, lens, table = self._decode_inputs(bucket)
+        _, _, _, lens, table = self._decode_inputs(bucket)
         split = split_count(bucket, self.hp.n_head_kv)
         with torch.inference_mode():
-            out = self._body(tokens, positions, slots, self._decode_attend(table, lens, split))
+            out = self._decode_step(bucket, self._decode_attend(table, lens, split))
         return out[: len(chunks)]
 
     @torch.inference_mode()
@@ -466,7 +569,7 @@ class FastPath:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         for bucket in todo:
-            tokens, positions, slots, lens, table = self._decode_inputs(bucket)
+            _, _, slots, lens, table = self._decode_inputs(bucket)
             # Warm-up inputs: no KV-cache writes, one context position, block 0.
             self._dev[:bucket].zero_()
             slots.fill_(-1)
@@ -474,7 +577,7 @@ class FastPath:
             attend = self._decode_attend(table, lens, split_count(bucket, self.hp.n_head_kv))
 
             def run() -> torch.Tensor:
-                return self._body(tokens, positions, slots, attend)  # noqa: B023
+                return self._decode_step(bucket, attend)  # noqa: B023
 
             side = torch.cuda.Stream(device=self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

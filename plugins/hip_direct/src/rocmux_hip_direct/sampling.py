@@ -87,7 +87,14 @@ def sample(
     )
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits.cpu()
+    ids, probs = candidates(logits.cpu(), params)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return int(ids[choice])
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids the chain keeps from a (n_vocab,) row, best first, and their
+    probabilities after temperature (a non-greedy ``params``)."""
     k = params.top_k if 0 < params.top_k < logits.shape[0] else logits.shape[0]
     values, ids = torch.topk(logits, k)  # sorted, largest first
     keep = torch.ones_like(values, dtype=torch.bool)
@@ -99,6 +106,57 @@ def sample(
         keep &= values >= values[0] + math.log(params.min_p)
     keep[0] = True  # min_keep = 1
     values, ids = values[keep], ids[keep]
-    probs = torch.softmax(values / params.temperature, dim=0)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return int(ids[choice])
+    return ids, torch.softmax(values / params.temperature, dim=0)
+
+
+# Columns of the per-row parameters of :func:`sample_rows`.
+S_TEMP, S_TOP_K, S_TOP_P, S_LOG_MIN_P, S_UNIFORM, S_GREEDY, S_COLS = range(7)
+
+
+def row_params(params: SamplingParams, n_vocab: int, uniform: float) -> tuple[float, ...]:
+    """One row of :func:`sample_rows`'s parameters: the chain of ``params`` and the
+    uniform draw in [0, 1) that picks the token."""
+    if params.greedy:
+        return (1.0, 1.0, math.inf, -math.inf, 0.0, 1.0)
+    k = params.top_k if 0 < params.top_k < n_vocab else n_vocab
+    top_p = params.top_p if params.top_p < 1.0 else math.inf
+    log_min_p = math.log(params.min_p) if params.min_p > 0.0 else -math.inf
+    return (params.temperature, float(k), top_p, log_min_p, uniform, 0.0)
+
+
+def top_k_of(params: SamplingParams, n_vocab: int) -> int:
+    """How many candidates :func:`sample_rows` must sort for ``params``."""
+    if params.greedy:
+        return 1
+    return params.top_k if 0 < params.top_k < n_vocab else n_vocab
+
+
+def sample_rows(
+    logits: torch.Tensor, params: torch.Tensor, k_max: int, greedy: torch.Tensor
+) -> torch.Tensor:
+    """A token per row of (rows, n_vocab) float32 ``logits``, on their device, with no
+    host synchronisation: the chain of :func:`sample` (top-k, top-p, min-p,
+    temperature) per row, then the inverse of the kept tokens' cumulative distribution
+    at the row's uniform draw instead of ``torch.multinomial``. ``params`` is
+    (rows, S_COLS) float32 from :func:`row_params`; rows marked greedy take ``greedy``'s
+    token (the arg-max). ``k_max``: the largest top-k among the rows."""
+    n_vocab = logits.shape[-1]
+    k_max = max(1, min(k_max, n_vocab))
+    values, ids = torch.topk(logits, k_max, dim=-1)  # sorted, largest first
+    col = torch.arange(k_max, device=logits.device)
+    keep = col.unsqueeze(0) < params[:, S_TOP_K : S_TOP_K + 1]
+    probs = torch.softmax(values.masked_fill(~keep, -math.inf), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    keep &= before < params[:, S_TOP_P : S_TOP_P + 1]
+    keep &= values >= values[:, :1] + params[:, S_LOG_MIN_P : S_LOG_MIN_P + 1]
+    keep[:, 0] = True
+    scaled = values / params[:, S_TEMP : S_TEMP + 1]
+    probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = params[:, S_UNIFORM : S_UNIFORM + 1] * cdf[:, -1:]
+    choice = (cdf <= target).sum(dim=-1).clamp(max=k_max - 1)
+    # never a token the chain dropped (rounding at the end of the distribution)
+    n_kept = keep.sum(dim=-1)
+    choice = torch.minimum(choice, n_kept - 1)
+    token = ids.gather(1, choice.unsqueeze(1)).squeeze(1)
+    return torch.where(params[:, S_GREEDY] > 0, greedy.to(token.dtype), token)
