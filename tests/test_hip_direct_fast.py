@@ -409,3 +409,110 @@ async def test_bursts_of_steps_give_the_same_tokens(tiny_model):
         assert await run(model) == plain
     finally:
         await model.close()
+
+
+# -- decode steps launched ahead of their tokens ---------------------------------------------
+
+
+def _overlap_engine(path, device: str, dtype: torch.dtype, overlap: bool) -> Engine:
+    engine = _engine(path, device, dtype)
+    if engine.fast is None:  # the CPU: the fast path's eager fallbacks, no graphs
+        engine.fast = FastPath(engine.model, engine.cache, 128, 4, graphs=False)
+    engine.overlap = overlap
+    return engine
+
+
+def _generate(engine: Engine, jobs, cancel_at=None) -> list[list[int]]:
+    """Tokens generated for each (prompt, params, max_tokens); the third joins after
+    three steps; ``cancel_at`` (step, job) cancels a job."""
+    seqs = [engine.submit(p, params, n) for p, params, n in jobs[:2]]
+    steps = 0
+    while engine.has_work() or len(seqs) < len(jobs):
+        if steps == 3:
+            seqs += [engine.submit(p, params, n) for p, params, n in jobs[2:]]
+        if cancel_at is not None and steps == cancel_at[0]:
+            engine.cancel(seqs[cancel_at[1]])
+        engine.step()
+        steps += 1
+    assert all(s.done for s in seqs)
+    return [s.tokens[len(s.prompt) :] for s in seqs]
+
+
+GREEDY_JOBS = [
+    (list(range(5, 8)), SamplingParams(temperature=0.0), 12),
+    (list(range(9, 28)), SamplingParams(temperature=0.0), 9),
+    ([3], SamplingParams(temperature=0.0), 6),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu, id="gpu")])
+def test_launching_ahead_gives_the_tokens_of_waiting_for_each_step(tiny_path, device, monkeypatch):
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    plain = _overlap_engine(tiny_path, device, dtype, overlap=False)
+    want = _generate(plain, GREEDY_JOBS)
+    assert plain.fast.launched_steps == 0
+    ahead = _overlap_engine(tiny_path, device, dtype, overlap=True)
+    assert _generate(ahead, GREEDY_JOBS) == want
+    assert [len(t) for t in want] == [12, 9, 6]
+    assert ahead.fast.launched_steps > 5
+    assert not ahead.has_work()
+    # a token read one step late that ends its sequence: the step launched meanwhile
+    # is dropped, and the other sequences go on as before
+    eog = want[0][4]
+    cut = want[0].index(eog) + 1
+    monkeypatch.setattr(Tokenizer, "is_eog", lambda self, token: token == eog)
+    ended = _generate(_overlap_engine(tiny_path, device, dtype, overlap=True), GREEDY_JOBS)
+    ref = _generate(_overlap_engine(tiny_path, device, dtype, overlap=False), GREEDY_JOBS)
+    monkeypatch.undo()
+    assert ended == ref
+    assert ended[0] == want[0][:cut]
+    # a cancellation while a step is in flight
+    cancelled = _generate(
+        _overlap_engine(tiny_path, device, dtype, overlap=True), GREEDY_JOBS, cancel_at=(6, 0)
+    )
+    assert cancelled[1:] == want[1:]
+    assert cancelled[0] == want[0][: len(cancelled[0])]
+    for engine in (plain, ahead):
+        engine.release()
+
+
+def test_seeded_sampling_on_the_device_path_is_reproducible(tiny_path):
+    jobs = [
+        (list(range(5, 8)), SamplingParams(temperature=0.9, top_k=0, top_p=0.9, seed=1), 10),
+        (list(range(9, 20)), SamplingParams(temperature=0.0), 10),
+        ([3, 4], SamplingParams(temperature=1.5, top_k=5, min_p=0.0, seed=2), 8),
+    ]
+    first = _generate(_overlap_engine(tiny_path, "cpu", torch.float32, overlap=True), jobs)
+    again = _generate(_overlap_engine(tiny_path, "cpu", torch.float32, overlap=True), jobs)
+    assert first == again
+    assert (
+        first[1]
+        == _generate(_overlap_engine(tiny_path, "cpu", torch.float32, overlap=False), jobs)[1]
+    )
+    assert [len(t) for t in first] == [10, 10, 8]
+
+
+def test_sampling_rows_follows_the_chain_of_the_host_sampler():
+    from rocmux_hip_direct.sampling import candidates, row_params, sample_rows, top_k_of
+
+    gen = torch.Generator().manual_seed(0)
+    n_vocab = 50
+    logits = torch.randn(4, n_vocab, generator=gen) * 3
+    params = [
+        SamplingParams(temperature=0.7),  # llama-server's defaults
+        SamplingParams(temperature=1.3, top_k=0, top_p=1.0, min_p=0.0),
+        SamplingParams(temperature=0.5, top_k=3, top_p=0.5),
+        SamplingParams(temperature=0.0),
+    ]
+    greedy = torch.argmax(logits, dim=-1)
+    k_max = max(top_k_of(p, n_vocab) for p in params)
+    for u in np.linspace(0.0, 0.999, 37):
+        rows = np.array([row_params(p, n_vocab, float(u)) for p in params], np.float32)
+        got = sample_rows(logits, torch.from_numpy(rows), k_max, greedy).tolist()
+        for i, p in enumerate(params):
+            if p.greedy:
+                assert got[i] == int(greedy[i])
+                continue
+            ids, probs = candidates(logits[i], p)
+            pick = int(torch.searchsorted(torch.cumsum(probs, 0), torch.tensor(u), right=True))
+            assert got[i] == int(ids[min(pick, len(ids) - 1)]), (i, u)
