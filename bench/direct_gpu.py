@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 CONCURRENCY = (8, 32, 64)
 GEN_TOKENS = 256
 TTFT_PROMPT = 512
+TTFT_STREAMS = 32  # concurrent 512-token prompts for the loaded TTFT
+TTFT_STREAM_TOKENS = 16
 CTX = 2048  # per sequence, both runtimes
 SKELETON_KEY = "rocmux.skeleton.tensors"
 
@@ -238,13 +240,31 @@ async def hip_direct(path: Path, vocab: int, profile: bool) -> dict[str, Any]:
     # warm-up: every bucket once
     await asyncio.gather(*(run(prompt_ids(vocab, 8, i), greedy) for i in range(max(CONCURRENCY))))
 
-    # batch-1 decode
-    rates = []
-    for rep in range(3):
-        seq = await run(prompt_ids(vocab, 8, 100 + rep), greedy)
-        rates.append(engine.timings(seq)["predicted_per_second"])
+    # batch-1 decode: steps launched ahead of their tokens (the default), then each
+    # step waited for (ROCMUX_HIP_DIRECT_OVERLAP=0), then sampled (llama-server's chain)
+    async def b1(config: GenerateConfig, seed: int) -> list[float]:
+        rates = []
+        for rep in range(3):
+            seq = await run(prompt_ids(vocab, 8, seed + rep), config)
+            rates.append(engine.timings(seq)["predicted_per_second"])
+        return rates
+
+    overlap = engine.overlap
+    launched = fast.launched_steps if fast is not None else 0
+    rates = await b1(greedy, 100)
     res["decode_b1_tps"] = statistics.median(rates)
     res["decode_b1_runs"] = rates
+    res["overlap"] = overlap
+    res["decode_b1_launched_steps"] = (fast.launched_steps - launched) if fast else 0
+    engine.overlap = False
+    rates = await b1(greedy, 100)
+    engine.overlap = overlap
+    res["decode_b1_no_overlap_tps"] = statistics.median(rates)
+    res["decode_b1_no_overlap_runs"] = rates
+    sampled = GenerateConfig(max_tokens=GEN_TOKENS, seed=7)  # temperature 0.8, top-k 40, ...
+    rates = await b1(sampled, 100)
+    res["decode_b1_sampled_tps"] = statistics.median(rates)
+    res["decode_b1_sampled_runs"] = rates
     if fast is not None and fast.use_graphs:
         res["graph_step_ms"] = graph_step_ms(fast)
 
@@ -256,6 +276,19 @@ async def hip_direct(path: Path, vocab: int, profile: bool) -> dict[str, Any]:
         ttfts.append((seq.t_first_token - seq.t_arrival) * 1000)
     res["ttft_512_ms"] = statistics.median(ttfts[1:])
     res["ttft_512_runs_ms"] = ttfts
+
+    # time to first token of 32 concurrent 512-token prompts (16 tokens each), twice
+    few = GenerateConfig(max_tokens=TTFT_STREAM_TOKENS, temperature=0)
+    loaded = []
+    for rep in range(2):
+        seqs = await asyncio.gather(
+            *(
+                run(prompt_ids(vocab, TTFT_PROMPT, 5000 + 100 * rep + i), few)
+                for i in range(TTFT_STREAMS)
+            )
+        )
+        loaded.append(sorted((s.t_first_token - s.t_arrival) * 1000 for s in seqs))
+    res[f"ttft_512_c{TTFT_STREAMS}"] = ttft_stats(loaded)
 
     # concurrency
     for n in CONCURRENCY:
@@ -279,6 +312,7 @@ async def hip_direct(path: Path, vocab: int, profile: bool) -> dict[str, Any]:
             "graph": fast.graph_steps,
             "eager": fast.eager_steps,
             "staged": fast.staged_steps,
+            "launched": fast.launched_steps,
         }
     if profile and fast is not None:
         res["profile"] = kernel_profile(model, vocab)
@@ -286,6 +320,17 @@ async def hip_direct(path: Path, vocab: int, profile: bool) -> dict[str, Any]:
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+def ttft_stats(rounds: list[list[float]]) -> dict[str, Any]:
+    """Median and p90 over the streams of the last round (the first warms up)."""
+    last = sorted(rounds[-1])
+    return {
+        "p50_ms": statistics.median(last),
+        "p90_ms": last[int(0.9 * (len(last) - 1))],
+        "max_ms": last[-1],
+        "rounds_ms": rounds,
+    }
 
 
 def graph_step_ms(fast: Any) -> dict[str, float]:
@@ -408,6 +453,27 @@ async def _complete(client: Any, port: int, ids: list[int], n: int) -> dict[str,
     return r.json()
 
 
+async def _first_token_ms(client: Any, port: int, ids: list[int], n: int) -> float:
+    """A streamed request: milliseconds from sending it to its first token's event."""
+    body = {
+        "prompt": ids,
+        "n_predict": n,
+        "temperature": 0,
+        "ignore_eos": True,
+        "cache_prompt": False,
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    first = None
+    async with client.stream("POST", f"http://127.0.0.1:{port}/completion", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data:"):
+                first = (time.perf_counter() - t0) * 1000
+    assert first is not None
+    return first
+
+
 async def llama_server(binary: Path, path: Path, vocab: int, out: Path) -> dict[str, Any]:
     import httpx
 
@@ -441,6 +507,7 @@ async def llama_server(binary: Path, path: Path, vocab: int, out: Path) -> dict[
             res["prompt_512_ms"] = statistics.median(prompt_ms[1:])
         finally:
             server.stop()
+        # the loaded TTFT and the concurrency on a 64-slot server
         # concurrency on a 64-slot server
         par = max(CONCURRENCY)
         server = LlamaServer(binary, path, par, out / f"llama-server-{path.stem}-np{par}.log")
@@ -452,6 +519,24 @@ async def llama_server(binary: Path, path: Path, vocab: int, out: Path) -> dict[
             )
             j = await _complete(client, server.port, prompt_ids(vocab, 8, 7), GEN_TOKENS)
             res["decode_b1_np64_tps"] = j["timings"]["predicted_per_second"]
+            loaded = []
+            for rep in range(2):
+                loaded.append(
+                    sorted(
+                        await asyncio.gather(
+                            *(
+                                _first_token_ms(
+                                    client,
+                                    server.port,
+                                    prompt_ids(vocab, TTFT_PROMPT, 5000 + 100 * rep + i),
+                                    TTFT_STREAM_TOKENS,
+                                )
+                                for i in range(TTFT_STREAMS)
+                            )
+                        )
+                    )
+                )
+            res[f"ttft_512_c{TTFT_STREAMS}"] = ttft_stats(loaded)
             for n in CONCURRENCY:
                 t0 = time.perf_counter()
                 outs = await asyncio.gather(
@@ -595,6 +680,19 @@ def summary(results: dict[str, Any]) -> None:
         for key in ("decode_b1_tps", "ttft_512_ms"):
             a, b = h.get(key, float("nan")), lc.get(key, float("nan"))
             log(f"  {key:16} hip_direct {a:9.1f}  llama {b:9.1f}")
+        if "decode_b1_no_overlap_tps" in h:
+            log(
+                f"  batch-1 without overlap {h['decode_b1_no_overlap_tps']:.1f}, "
+                f"sampled {h.get('decode_b1_sampled_tps', float('nan')):.1f} tok/s"
+            )
+        key = f"ttft_512_c{TTFT_STREAMS}"
+        a, b = h.get(key, {}), lc.get(key, {})
+        nan = float("nan")
+        log(
+            f"  TTFT {TTFT_STREAMS}x512 p50/p90 hip_direct {a.get('p50_ms', nan):.1f}/"
+            f"{a.get('p90_ms', nan):.1f}  llama {b.get('p50_ms', nan):.1f}/"
+            f"{b.get('p90_ms', nan):.1f}"
+        )
         for n in CONCURRENCY:
             a = h.get(f"concurrent_{n}", {}).get("aggregate_tps", float("nan"))
             b = lc.get(f"concurrent_{n}", {}).get("aggregate_tps", float("nan"))
@@ -648,12 +746,19 @@ def plot(results_path: Path, png: Path) -> None:
             ax.legend(fontsize=8)
         ax.set_title(f"{name}\nbatch-1 decode (tokens/s)", fontsize=9)
         ax = axes[row][1]
-        ax.bar(
-            ["hip_direct", "llama-server"],
-            [h.get("ttft_512_ms", 0), lc.get("ttft_512_ms", 0)],
-            color=["tab:red", "tab:blue"],
-        )
-        ax.set_title("time to first token, 512-token prompt (ms)", fontsize=9)
+        key = f"ttft_512_c{TTFT_STREAMS}"
+        labels = ["1 prompt", f"{TTFT_STREAMS} at once (p50)"]
+        x = np.arange(len(labels))
+        for off, res, name, color in (
+            (-0.2, h, "hip_direct", "tab:red"),
+            (0.2, lc, "llama-server", "tab:blue"),
+        ):
+            vals = [res.get("ttft_512_ms", 0), res.get(key, {}).get("p50_ms", 0)]
+            ax.bar(x + off, vals, 0.4, label=name, color=color)
+        ax.set_xticks(x, labels)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8, loc="upper left")
+        ax.set_title("time to first token, 512-token prompts (ms, log scale)", fontsize=9)
         ax = axes[row][2]
         x = np.arange(len(conc))
         a = [h.get(f"concurrent_{n}", {}).get("aggregate_tps", 0) for n in conc]

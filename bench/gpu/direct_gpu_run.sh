@@ -10,7 +10,8 @@
 # Needs .devwheels/ (carried): the wheels of device_run.sh, the sdist, and
 # smollm2_skeleton.gguf (`python bench/direct_gpu.py skeleton .devwheels/smollm2_skeleton.gguf`).
 # PHASES=hip,llama picks the benchmark phases; QUIET=1 waits for the build before any timing;
-# TESTS=0 skips the tests; PROFILE= skips the kernel profile.
+# TESTS=0 skips the tests; PROFILE= skips the kernel profile; BENCH=1 adds rocmux bench of
+# hip_direct with the default model's shape at 32 streams of 512-token prompts.
 set -uo pipefail
 OUT=${OUT:-/tmp/rocmux-out}
 mkdir -p "$OUT"
@@ -96,6 +97,11 @@ if [[ $PHASES == *llama* ]]; then
         echo "llama-server not built in time"
         tail -5 /tmp/lcb/build.log 2>/dev/null
     fi
+fi
+if [ "${BENCH:-0}" = 1 ] && [ -f /tmp/smollm2-like.gguf ] && [ "$(left)" -gt 60 ]; then
+    # rocmux bench's view of hip_direct: 32 streams of 512-token prompts (docs/bench/gpu.json)
+    timeout $(($(left) - 10)) rocmux bench /tmp/smollm2-like.gguf -b hip_direct -c 32 -p 512 \
+        -n 128 --json "$OUT/bench-smol-c32.json" 2>&1 | tee -a "$OUT/log.txt" | tail -8
 fi
 tail -c 20000 /tmp/lcb/build.log > "$OUT/build_tail.txt" 2>/dev/null
 echo "script seconds: $(($(date +%s) - T0))"
