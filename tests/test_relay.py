@@ -151,3 +151,16 @@ async def test_a_slow_reader_pauses_the_runtime_instead_of_buffering_it_all(
     data = events(await response.aread())
     await response.aclose()
     assert len(data) == 3001 and data[-1] == "[DONE]"
+
+
+async def test_an_idle_connection_that_closes_leaves_the_pool(upstream, client):
+    response = await client.post(upstream, "/v1/completions", body(max_tokens=1), 5.0)
+    await response.aread()
+    await response.aclose()
+    conn = response._conn
+    assert list(client._idle[conn.key]) == [conn]
+    conn.transport.abort()  # as when the runtime drops an idle keep-alive connection
+    with anyio.fail_after(5):
+        while client._open:
+            await anyio.sleep(0.01)
+    assert not client._idle[conn.key]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import attrs
@@ -37,9 +37,15 @@ _PAUSE_AT = 1 << 20
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: tuple[str, int],
+        forget: Callable[[_Connection], None],
+    ) -> None:
         self.loop = loop
         self.key = key
+        self.forget = forget
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpResponseParser | None = None
         self.status = 0
@@ -75,6 +81,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.forget(self)
         if self.parser is not None and not self.complete:
             if not self.head_done:
                 message = "Server disconnected without sending a response."
@@ -280,7 +287,9 @@ class RelayClient:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(loop, (host, port)), host, port),
+                loop.create_connection(
+                    lambda: _Connection(loop, (host, port), self._forget), host, port
+                ),
                 self.connect_timeout,
             )
         except TimeoutError:
@@ -289,6 +298,14 @@ class RelayClient:
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         self._open.add(conn)
         return conn
+
+    def _forget(self, conn: _Connection) -> None:
+        # A closed connection leaves the pool at once: a burst's worth of them must not
+        # wait in the idle list for checkouts that take the newest first.
+        self._open.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
 
     def _release(self, conn: _Connection) -> None:
         if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
