@@ -14,6 +14,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rocmux import relay
 from rocmux.relay import RelayClient
 from rocmux.supervisor import free_port
@@ -164,3 +166,32 @@ async def test_an_idle_connection_that_closes_leaves_the_pool(upstream, client):
         while client._open:
             await anyio.sleep(0.01)
     assert not client._idle[conn.key]
+
+
+@given(
+    events=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=20),
+    cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=40),
+)
+def test_any_split_of_a_chunked_answer_reassembles_it(events, cuts):
+    """The parse does no I/O: feeding a chunked answer in arbitrary pieces gives back
+    exactly its body, and the end of the message, whatever the cuts."""
+    import asyncio
+
+    import httptools
+
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    wire += b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    loop = asyncio.new_event_loop()
+    try:
+        conn = relay._Connection(loop, ("h", 1), lambda c: None)
+        conn.parser = httptools.HttpResponseParser(conn)
+        at = 0
+        for cut in cuts:
+            conn.data_received(wire[at : at + cut])
+            at += cut
+        conn.data_received(wire[at:])
+    finally:
+        loop.close()
+    assert conn.error is None
+    assert conn.status == 200 and conn.complete
+    assert b"".join(conn.chunks) == b"".join(events)
