@@ -195,3 +195,14 @@ def test_any_split_of_a_chunked_answer_reassembles_it(events, cuts):
     assert conn.error is None
     assert conn.status == 200 and conn.complete
     assert b"".join(conn.chunks) == b"".join(events)
+
+
+async def test_a_fresh_post_skips_the_pooled_connections(upstream, client):
+    first = await client.post(upstream, "/v1/completions", body(max_tokens=1), 5.0)
+    await first.aread()
+    await first.aclose()
+    again = await client.post(upstream, "/v1/completions", body(max_tokens=1), 5.0, fresh=True)
+    await again.aread()
+    await again.aclose()
+    assert again._conn is not first._conn
+    assert len(client._idle[first._conn.key]) == 2  # both kept for later requests

@@ -211,6 +211,12 @@ class RelayResponse:
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_raw()])
 
+    def abort(self) -> None:
+        """Drop the connection now (the client went away): the runtime stops generating,
+        and a reader waiting in :meth:`aiter_raw` gets ``httpx.ReadError``."""
+        if not self._conn.complete:
+            self._conn._fail(httpx.ReadError("the stream was aborted"))
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -243,11 +249,19 @@ class RelayClient:
         return known
 
     async def post(
-        self, base: str, path: str, body: bytes, read_timeout: float | None
+        self,
+        base: str,
+        path: str,
+        body: bytes,
+        read_timeout: float | None,
+        *,
+        fresh: bool = False,
     ) -> RelayResponse:
-        """POST ``body`` (JSON) to ``base + path``; returns once the head arrived."""
+        """POST ``body`` (JSON) to ``base + path``; returns once the head arrived.
+        ``fresh``: on a new connection, not a pooled one (to retry a request that a
+        pooled connection lost because the runtime had just closed it)."""
         host, port, netloc = self._address(base)
-        conn = await self._checkout(host, port)
+        conn = await self._checkout(host, port, fresh)
         request = b"".join(
             (
                 b"POST ",
@@ -275,8 +289,8 @@ class RelayClient:
         )
         return RelayResponse(conn.status, headers, conn, self, read_timeout)
 
-    async def _checkout(self, host: str, port: int) -> _Connection:
-        idle = self._idle.get((host, port))
+    async def _checkout(self, host: str, port: int, fresh: bool) -> _Connection:
+        idle = None if fresh else self._idle.get((host, port))
         now = time.monotonic()
         while idle:
             conn = idle.pop()
