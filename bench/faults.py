@@ -42,8 +42,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from rocmux import hookimpl, supervisor  # noqa: E402
-from rocmux.config import Config, Limits, ModelEntry, ServerSettings  # noqa: E402
+from rocmux.config import Limits, ModelEntry  # noqa: E402
 from rocmux.launch import Launch  # noqa: E402
 from rocmux.manager import PluginManager  # noqa: E402
 from rocmux.pool import ModelPool  # noqa: E402
-from rocmux.serve import Service  # noqa: E402
+from rocmux.testing.serving import serve_in_process  # noqa: E402
 from rocmux.types import LoadConfig  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "faults.json"
@@ -156,30 +156,13 @@ class Injector:
 # -- the server -----------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def serving(
+def serving(
     model: Path, limits: Limits, plugins: PluginManager
-) -> AsyncIterator[tuple[str, ModelPool]]:
-    import uvicorn
-
+) -> AbstractAsyncContextManager[tuple[str, ModelPool]]:
     entry = ModelEntry(
         name=MODEL, path=model, load=LoadConfig(context_len=16384, parallel=4, threads=1)
     )
-    port = supervisor.free_port()
-    service = Service([entry], Config(limits=limits), ServerSettings(port=port), plugins)
-    app, _api, pool = service.build()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on")
-    )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(20):
-            while not server.started:
-                await anyio.sleep(0.01)
-        try:
-            yield f"http://127.0.0.1:{port}", pool
-        finally:
-            server.should_exit = True
+    return serve_in_process([entry], limits, plugins=plugins, log_level="critical")
 
 
 # -- clients --------------------------------------------------------------------------------

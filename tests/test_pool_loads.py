@@ -31,6 +31,7 @@ from rocmux.manager import PluginManager
 from rocmux.pool import Instance, ModelPool, PoolBusy, measure_free
 from rocmux.served import ServedModel
 from rocmux.supervisor import ServerProcess, StartupLimits, startup_limits
+from rocmux.testing.processes import alive
 from rocmux.types import LoadConfig
 from test_serve import metric, running, tiny
 
@@ -44,14 +45,6 @@ def _launch(*options: str) -> Launch:
     return Launch(
         backend="test", argv=[sys.executable, SERVER, "--host", HOST, "--port", PORT, *options]
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 # -- stall-based startup ---------------------------------------------------------------------
@@ -98,7 +91,7 @@ async def test_a_silent_start_fails_fast_with_the_output_tail():
     message = str(info.value)
     assert "showed no progress for 1 s" in message
     assert "test server starting on port" in message  # its own last words
-    assert not _alive(server.pid)
+    assert not alive(server.pid)
 
 
 async def test_a_stopped_runtime_that_answered_loading_fails_fast():
@@ -119,7 +112,7 @@ async def test_a_stopped_runtime_that_answered_loading_fails_fast():
         with pytest.raises(StartupFailed, match="showed no progress"):
             await server.start()
     assert time.monotonic() - started < 6
-    assert not _alive(server.pid)
+    assert not alive(server.pid)
 
 
 async def test_a_model_closed_while_it_restarts_leaves_no_runtime():
@@ -162,7 +155,7 @@ async def test_a_model_closed_while_it_restarts_leaves_no_runtime():
     assert len(spawned) == 2
     assert [type(e) for e in outcome] == [ModelClosed]
     with anyio.fail_after(5):
-        while any(_alive(pid) for pid in spawned):
+        while any(alive(pid) for pid in spawned):
             await anyio.sleep(0.02)
 
 
@@ -290,7 +283,7 @@ async def _spawned(slow: SlowStart) -> int:
 
 async def _gone(pool: ModelPool, pid: int) -> None:
     with anyio.fail_after(10):
-        while pool.instances or _alive(pid):
+        while pool.instances or alive(pid):
             await anyio.sleep(0.02)
 
 
@@ -301,7 +294,7 @@ async def test_a_load_whose_only_client_disconnects_is_abandoned(tiny_model):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(partial(client.post, "/v1/completions", json=SHORT))
                 pid = await _spawned(slow)
-                assert _alive(pid)
+                assert alive(pid)
                 tg.cancel_scope.cancel()  # the client hangs up
             await _gone(pool, pid)
             metrics = (await client.get("/metrics")).text
@@ -332,7 +325,7 @@ async def test_one_of_two_waiters_leaving_does_not_abandon_the_load(tiny_model):
                 with anyio.fail_after(5):
                     while next(iter(pool.instances.values())).waiting > 1:
                         await anyio.sleep(0.02)
-                assert _alive(pid)
+                assert alive(pid)
             (answer,) = answers
             assert answer.status_code == 200, answer.text
             assert answer.json()["usage"]["completion_tokens"] == 4
@@ -371,7 +364,7 @@ async def test_a_runtime_that_hangs_while_starting_fails_at_the_stall_timeout(ti
     assert r.status_code == 502, r.text
     assert "showed no progress for 1 s" in r.json()["error"]["message"]
     assert not pool.instances
-    assert not _alive(slow.pids[0])
+    assert not alive(slow.pids[0])
 
 
 # -- SSE comments while loading ---------------------------------------------------------------

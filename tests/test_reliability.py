@@ -25,6 +25,7 @@ from rocmux.config import Limits, ModelEntry
 from rocmux.events import LifecycleEvent
 from rocmux.launch import Launch
 from rocmux.manager import PluginManager
+from rocmux.testing.processes import alive
 from rocmux.types import LoadConfig
 from test_serve import running, tiny
 
@@ -35,14 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 # Short limits, so that a hung runtime costs the tests seconds, not minutes.
 FAST = Limits(stall_timeout=2.0, health_timeout=0.5)
 STREAM = {"prompt": "hi", "max_tokens": 100000, "stream": True, "ignore_eos": True}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def long(tiny_model: Path, **load: object) -> ModelEntry:
@@ -89,7 +82,7 @@ async def test_hung_idle_runtime_is_killed_and_restarted(tiny_model):
                     await anyio.sleep(0.05)
             assert "did not answer /health within 0.5 s" in instance.error
             assert instance.crashes == 1
-            assert not _alive(hung.pid)
+            assert not alive(hung.pid)
             await _ok(client)
 
 
@@ -118,7 +111,7 @@ async def test_requests_to_a_hung_runtime_fail_within_the_stall_timeout(tiny_mod
             assert "did not answer /health" in error["message"]
             # stall 2 s + two probes of 0.5 s (+ slack); never the stream's natural end
             assert took < 8, took
-            assert not _alive(hung.pid)
+            assert not alive(hung.pid)
 
             # A plain request to a runtime hung before it arrives: 504, not a hang.
             await _ok(client)
@@ -461,7 +454,7 @@ def test_sigterm_drains_streams_then_cuts_them_and_stops_every_runtime(serve_con
     assert error["code"] == "server_shutdown", error
     assert 7.5 < endless["ended"] - signalled < 8 + 4
     assert exited - signalled < 8 + 10
-    assert not _alive(runtime)
+    assert not alive(runtime)
     # A restart on the same port: it binds, and no instance or runtime is left over.
     again = _serve(port, config)
     try:

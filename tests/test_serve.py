@@ -8,52 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
-import uvicorn
-from rocmux.config import Config, Limits, ModelEntry, ServerSettings
-from rocmux.manager import PluginManager
-from rocmux.pool import MemoryProbe, ModelPool
-from rocmux.serve import Service
+from rocmux.config import Limits, ModelEntry, ServerSettings
 from rocmux.supervisor import free_port
+from rocmux.testing.serving import serve_in_process as running
 from rocmux.types import LoadConfig
 
 pytestmark = [pytest.mark.anyio, pytest.mark.llama_server]
 
 QUESTION = "What is the capital of France? Answer briefly."
-
-
-@asynccontextmanager
-async def running(
-    entries: list[ModelEntry],
-    limits: Limits | None = None,
-    settings: ServerSettings | None = None,
-    plugins: PluginManager | None = None,
-    memory_probe: MemoryProbe | None = None,
-) -> AsyncIterator[tuple[str, ModelPool]]:
-    """``rocmux serve`` in this process, on a free port."""
-    config = Config(limits=limits or Limits())
-    port = free_port()
-    settings = settings or ServerSettings(port=port)
-    service = Service(entries, config, settings, plugins or PluginManager.discover(), memory_probe)
-    app, _api, pool = service.build()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
-        try:
-            yield f"http://127.0.0.1:{port}", pool
-        finally:
-            server.should_exit = True
 
 
 def smol(default_model: Path, **load: object) -> ModelEntry:

@@ -20,6 +20,7 @@ from rocmux.events import LifecycleEvent
 from rocmux.launch import HOST, PORT, Launch
 from rocmux.manager import PluginManager
 from rocmux.supervisor import ServerProcess
+from rocmux.testing.processes import alive
 
 pytestmark = pytest.mark.anyio
 
@@ -32,14 +33,6 @@ def _launch(*options: str, ready: bool = False) -> Launch:
         argv=[sys.executable, SERVER, "--host", HOST, "--port", PORT, *options],
         ready_pattern=re.compile("server is listening") if ready else None,
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 class Events:
@@ -62,7 +55,7 @@ async def test_starts_reports_ready_and_stops():
         assert os.getpgid(pid) == pid, "the server must lead its own process group"
     finally:
         await server.stop()
-    assert not _alive(pid)
+    assert not alive(pid)
     await server.stop()  # idempotent
 
 
@@ -97,7 +90,7 @@ async def test_deadline_is_enforced_and_the_child_is_killed():
     server = ServerProcess(_launch("--ready-after", "600"), startup_timeout=0.5)
     with pytest.raises(StartupFailed, match="not ready within 0.5 s"):
         await server.start()
-    assert not _alive(server.pid)
+    assert not alive(server.pid)
 
 
 async def test_cancelled_start_leaves_no_child():
@@ -110,7 +103,7 @@ async def test_cancelled_start_leaves_no_child():
         await server.start()
     assert scope.cancelled_caught
     assert server.pid is not None
-    assert not _alive(server.pid)
+    assert not alive(server.pid)
     assert events.kinds[0] == "spawned"
     assert not server.running
 
@@ -136,13 +129,13 @@ async def test_sigterm_ignored_then_sigkill_of_the_whole_group(tmp_path):
     server = ServerProcess(_launch("--ignore-term", "--grandchild", str(pidfile)), stop_timeout=0.3)
     await server.start()
     grandchild = int(pidfile.read_text())
-    assert _alive(grandchild)
+    assert alive(grandchild)
     started = time.monotonic()
     await server.stop()
     assert time.monotonic() - started >= 0.3
-    assert not _alive(server.pid)
+    assert not alive(server.pid)
     with anyio.fail_after(2):
-        while _alive(grandchild):
+        while alive(grandchild):
             await anyio.sleep(0.01)
 
 
@@ -160,7 +153,7 @@ async def test_stop_grace_of_the_launch_overrides_the_supervisors():
     await impatient.start()
     await impatient.stop()
     assert impatient.returncode == -signal.SIGKILL
-    assert not _alive(impatient.pid)
+    assert not alive(impatient.pid)
 
 
 async def test_crash_after_ready_is_reported_with_exit_status():
@@ -215,10 +208,10 @@ def test_children_die_with_a_sigkilled_parent(tmp_path):
         assert parent.poll() is None, "the parent died"
         time.sleep(0.02)
     child = int(pidfile.read_text())
-    assert _alive(child)
+    assert alive(child)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 5
-    while _alive(child):
+    while alive(child):
         assert time.monotonic() < deadline, f"server {child} outlived its SIGKILLed parent"
         time.sleep(0.02)

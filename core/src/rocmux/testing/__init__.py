@@ -16,12 +16,14 @@ if TYPE_CHECKING:
     from rocmux.testing.conformance import NOT_APPLICABLE as NOT_APPLICABLE
     from rocmux.testing.conformance import NOT_RUN as NOT_RUN
     from rocmux.testing.conformance import BackendConformance as BackendConformance
+    from rocmux.testing.processes import alive as alive
     from rocmux.testing.processes import descendants as descendants
 
 _LAZY = {
     "BackendConformance": "rocmux.testing.conformance",
     "NOT_APPLICABLE": "rocmux.testing.conformance",
     "NOT_RUN": "rocmux.testing.conformance",
+    "alive": "rocmux.testing.processes",
     "descendants": "rocmux.testing.processes",
 }
 

@@ -58,3 +58,9 @@ def describe(pids: set[int]) -> dict[int, str]:
         state = (_stat(pid) or ("?", 0))[0]
         out[pid] = f"{text[:200] or '?'} (state {state})"
     return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    found = _stat(pid)
+    return found is not None and found[0] != "Z"
