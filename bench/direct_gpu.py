@@ -439,15 +439,20 @@ class LlamaServer:
         self.log.close()
 
 
-async def _complete(client: Any, port: int, ids: list[int], n: int) -> dict[str, Any]:
-    body = {
+def _greedy_body(ids: list[int], n: int, stream: bool) -> dict[str, Any]:
+    """llama-server's native /completion: greedy, exactly ``n`` tokens, no prompt cache."""
+    return {
         "prompt": ids,
         "n_predict": n,
         "temperature": 0,
         "ignore_eos": True,
         "cache_prompt": False,
-        "stream": False,
+        "stream": stream,
     }
+
+
+async def _complete(client: Any, port: int, ids: list[int], n: int) -> dict[str, Any]:
+    body = _greedy_body(ids, n, stream=False)
     r = await client.post(f"http://127.0.0.1:{port}/completion", json=body)
     r.raise_for_status()
     return r.json()
@@ -455,14 +460,7 @@ async def _complete(client: Any, port: int, ids: list[int], n: int) -> dict[str,
 
 async def _first_token_ms(client: Any, port: int, ids: list[int], n: int) -> float:
     """A streamed request: milliseconds from sending it to its first token's event."""
-    body = {
-        "prompt": ids,
-        "n_predict": n,
-        "temperature": 0,
-        "ignore_eos": True,
-        "cache_prompt": False,
-        "stream": True,
-    }
+    body = _greedy_body(ids, n, stream=True)
     t0 = time.perf_counter()
     first = None
     async with client.stream("POST", f"http://127.0.0.1:{port}/completion", json=body) as r:
