@@ -25,9 +25,8 @@ pytestmark = pytest.mark.anyio
 SERVER = str(Path(__file__).parent / "servers" / "sse_upstream.py")
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    proc = subprocess.Popen([sys.executable, SERVER], stdout=subprocess.PIPE, text=True)
+def _start(*options: str) -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, SERVER, *options], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         ready = proc.stdout.readline().split()
@@ -36,6 +35,17 @@ def upstream() -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    yield from _start()
+
+
+@pytest.fixture(scope="module")
+def dropping_upstream() -> Iterator[str]:
+    """Drops the second request on every kept-alive connection, unanswered."""
+    yield from _start("--drop-second")
 
 
 @pytest.fixture
@@ -206,3 +216,20 @@ async def test_a_fresh_post_skips_the_pooled_connections(upstream, client):
     await again.aclose()
     assert again._conn is not first._conn
     assert len(client._idle[first._conn.key]) == 2  # both kept for later requests
+
+
+async def test_a_request_lost_on_a_reused_connection_goes_again_on_a_fresh_one(
+    dropping_upstream, client
+):
+    """What the serve proxy does (``Api._send``): the pooled connection fails without
+    a response, and the retry opens a new connection instead of taking the next one."""
+    first = await client.post(dropping_upstream, "/v1/completions", body(max_tokens=2), 5.0)
+    await first.aread()
+    await first.aclose()
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+        await client.post(dropping_upstream, "/v1/completions", body(max_tokens=2), 5.0)
+    again = await client.post(
+        dropping_upstream, "/v1/completions", body(max_tokens=2), 5.0, fresh=True
+    )
+    assert len(events(await again.aread())) == 3
+    await again.aclose()

@@ -7,7 +7,9 @@ llama-server's shape, one HTTP chunk each, ``--interval`` seconds apart, then
 Misbehaviour for tests, by the request's ``"fault"`` field:
 ``"stall"`` (stop sending after the first event, connection open), ``"cut"`` (close the
 connection after the first event), ``"garbage"`` (a head that is not HTTP),
-``"nohead"`` (close without answering).
+``"nohead"`` (close without answering). With ``--drop-second``, the second request on
+every connection is dropped unanswered (as llama-server does when it closes a kept-alive
+connection just as it is reused).
 
 Prints ``ready <port>`` when it listens. Used by tests/test_relay.py and bench/relay.py.
 """
@@ -78,7 +80,10 @@ async def answer(body: dict[str, object], w: asyncio.StreamWriter, interval: flo
     return True
 
 
-async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter, interval: float) -> None:
+async def handle(
+    r: asyncio.StreamReader, w: asyncio.StreamWriter, interval: float, drop_second: bool
+) -> None:
+    served = 0
     try:
         while line := await r.readline():
             method, path, _ = line.split(b" ", 2)
@@ -91,6 +96,9 @@ async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter, interval: flo
             if method == b"GET":
                 w.write(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"status":"ok"}')
                 continue
+            served += 1
+            if drop_second and served == 2:
+                break
             if not await answer(json.loads(raw), w, interval):
                 break
     except (ConnectionError, asyncio.IncompleteReadError):
@@ -103,9 +111,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between events")
+    parser.add_argument("--drop-second", action="store_true")
     args = parser.parse_args()
     server = await asyncio.start_server(
-        lambda r, w: handle(r, w, args.interval), "127.0.0.1", args.port, backlog=1024
+        lambda r, w: handle(r, w, args.interval, args.drop_second),
+        "127.0.0.1",
+        args.port,
+        backlog=1024,
     )
     print("ready", server.sockets[0].getsockname()[1], flush=True)
     await server.serve_forever()
