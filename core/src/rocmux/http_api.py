@@ -166,23 +166,16 @@ class _Stream(StreamingResponse):
     async def _stream_watched(
         self, on_disconnect: Callable[[], None], receive: Receive, send: Send
     ) -> None:
-        done = False
-
         async def watch() -> None:
             await _until_disconnect(receive)
-            if not done:  # not the end of a response that completed
-                on_disconnect()
+            on_disconnect()
 
+        # Cancelled before it can run after the final send (which also wakes receive()),
+        # so only a client that leaves mid-stream reaches on_disconnect.
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            start = {"status": self.status_code, "headers": self.raw_headers}
-            await send({"type": "http.response.start", **start})  # type: ignore[typeddict-item]
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            done = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self.stream_response(send)
         finally:
-            done = True
             watcher.cancel()
 
 
