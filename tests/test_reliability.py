@@ -404,7 +404,9 @@ def test_sigterm_drains_streams_then_cuts_them_and_stops_every_runtime(serve_con
                     {
                         "model": "smol",
                         "prompt": "Once",
-                        "max_tokens": 4,
+                        # Long enough to be in flight when the signal comes, even when
+                        # the first events of both streams take a while to arrive.
+                        "max_tokens": 64,
                         "stream": True,
                         "ignore_eos": True,
                     },
