@@ -114,21 +114,10 @@ def fill_skeleton(skeleton: Path, dst: Path, seed: int = 0) -> Path:
 
 def llama_1b(path: Path) -> Path:
     """A random-weight F16 GGUF with Llama-3.2-1B's shapes (output head untied)."""
-    from gguf_factory import TinyLlama, write_tiny_llama
+    from gguf_factory import LLAMA_3_2_1B_SHAPE, write_tiny_llama
 
     if not path.exists():
-        spec = TinyLlama(
-            n_embd=2048,
-            n_layer=16,
-            n_head=32,
-            n_head_kv=8,
-            n_ff=8192,
-            n_vocab=128256,
-            context_length=8192,
-            dtype="f16",
-            name="llama-3.2-1b-shape",
-        )
-        write_tiny_llama(path, spec)
+        write_tiny_llama(path, LLAMA_3_2_1B_SHAPE)
     return path
 
 

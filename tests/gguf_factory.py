@@ -220,3 +220,18 @@ def write_split(path_prefix: Path, spec: TinyLlama = TinyLlama(), parts: int = 2
     files = writer.format_shard_names(path)
     _finish(writer)
     return files
+
+
+LLAMA_3_2_1B_SHAPE = TinyLlama(
+    n_embd=2048,
+    n_layer=16,
+    n_head=32,
+    n_head_kv=8,
+    n_ff=8192,
+    n_vocab=128256,
+    context_length=8192,
+    dtype="f16",
+    name="llama-3.2-1b-shape",
+)
+"""Llama-3.2-1B's shapes in f16 (output head untied), random weights: about 2.4 GiB,
+for speed and memory runs on a GPU."""

@@ -15,7 +15,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from gguf_factory import TinyLlama, write_tiny_llama
+from gguf_factory import LLAMA_3_2_1B_SHAPE, write_tiny_llama
 from rocmux.devices import detect_gpus, memory_now
 from rocmux.types import GenerateConfig, LoadConfig
 from rocmux_llamacpp_hip.backend import LlamaCppBackend
@@ -28,17 +28,7 @@ async def main(out: Path) -> None:
     gpus = detect_gpus()
     results["gpus"] = [g.to_device().__repr__() for g in gpus]
     print("GPUs:", results["gpus"])
-    spec = TinyLlama(
-        n_embd=2048,
-        n_layer=16,
-        n_head=32,
-        n_head_kv=8,
-        n_ff=8192,
-        n_vocab=128256,
-        context_length=8192,
-        dtype="f16",
-        name="llama-3.2-1b-shape",
-    )
+    spec = LLAMA_3_2_1B_SHAPE
     path = Path("/tmp/llama1b-f16.gguf")
     if not path.exists():
         started = time.perf_counter()
