@@ -900,6 +900,25 @@ def machine() -> dict[str, Any]:
 COLORS = {"direct": "#4C72B0", "rocmux": "#DD8452", "litellm": "#55A868"}
 
 
+def ci_bars(
+    ax: Any,
+    proxy: Mapping[str, Any],
+    paths: Sequence[str],
+    levels: Sequence[int],
+    key: str,
+    label: str,
+) -> None:
+    """One bar per proxy path and level: ``key``, with its ``key_ci95`` as error bars."""
+    width = 0.8 / max(1, len(paths) - 1)
+    for j, p in enumerate([p for p in paths if p != "direct"]):
+        xs = np.arange(len(levels)) + (j - (len(paths) - 2) / 2) * width
+        values = [proxy[str(n)][p][key] for n in levels]
+        ci = np.array([proxy[str(n)][p][f"{key}_ci95"] for n in levels])
+        yerr = [np.subtract(values, ci[:, 0]), np.subtract(ci[:, 1], values)]
+        bars = ax.bar(xs, values, width * 0.9, color=COLORS[p], label=p, yerr=yerr, capsize=4)
+        ax.bar_label(bars, [label.format(v) for v in values], padding=2, fontsize=8)
+
+
 def plot(result: Mapping[str, Any], path: Path, title: str) -> None:
     import matplotlib
 
@@ -927,14 +946,7 @@ def plot(result: Mapping[str, Any], path: Path, title: str) -> None:
     ax.legend()
 
     ax = axes[0, 1]
-    width = 0.8 / max(1, len(paths) - 1)
-    for j, p in enumerate([p for p in paths if p != "direct"]):
-        xs = np.arange(len(levels)) + (j - (len(paths) - 2) / 2) * width
-        ratio = [proxy[str(n)][p]["tps_ratio"] for n in levels]
-        ci = np.array([proxy[str(n)][p]["tps_ratio_ci95"] for n in levels])
-        yerr = [np.subtract(ratio, ci[:, 0]), np.subtract(ci[:, 1], ratio)]
-        bars = ax.bar(xs, ratio, width * 0.9, color=COLORS[p], label=p, yerr=yerr, capsize=4)
-        ax.bar_label(bars, [f"{r:.3f}" for r in ratio], padding=2, fontsize=8)
+    ci_bars(ax, proxy, paths, levels, "tps_ratio", "{:.3f}")
     ax.axhline(1.0, color="black", lw=1)
     ax.axhline(TARGET_TPS_RATIO, color="red", ls="--", label=f"target {TARGET_TPS_RATIO}")
     ax.set_xticks(np.arange(len(levels)), [str(n) for n in levels])
@@ -947,13 +959,7 @@ def plot(result: Mapping[str, Any], path: Path, title: str) -> None:
     ax.legend(loc="lower left")
 
     ax = axes[1, 0]
-    for j, p in enumerate([p for p in paths if p != "direct"]):
-        xs = np.arange(len(levels)) + (j - (len(paths) - 2) / 2) * width
-        added = [proxy[str(n)][p]["ttft_added_ms"] for n in levels]
-        ci = np.array([proxy[str(n)][p]["ttft_added_ms_ci95"] for n in levels])
-        yerr = [np.subtract(added, ci[:, 0]), np.subtract(ci[:, 1], added)]
-        bars = ax.bar(xs, added, width * 0.9, color=COLORS[p], label=p, yerr=yerr, capsize=4)
-        ax.bar_label(bars, [f"{a:+.2f}" for a in added], padding=2, fontsize=8)
+    ci_bars(ax, proxy, paths, levels, "ttft_added_ms", "{:+.2f}")
     ax.axhline(0, color="black", lw=1)
     ax.axhline(
         TARGET_TTFT_ADDED_MS, color="red", ls="--", label=f"target +{TARGET_TTFT_ADDED_MS:g} ms"
