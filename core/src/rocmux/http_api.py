@@ -1006,13 +1006,47 @@ def _generate_config(body: dict[str, Any]) -> GenerateConfig:
         raise BadRequest(f"bad sampling settings: {exc}") from None
 
 
+COMPLETION_PATHS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+"""The endpoints :class:`App` sends straight to :class:`Api`, and their kind."""
+
+
+@attrs.define(eq=False)
+class App:
+    """``rocmux serve``'s ASGI app: POSTs to :data:`COMPLETION_PATHS` go straight to
+    the handler; everything else (other routes, other methods, lifespan) to starlette.
+
+    In a burst of requests one event loop forwards them one after another, so every
+    request's CPU before its forward delays all later ones: llama-server then starts
+    a step with the first few alone and the rest wait for the next. Starlette's
+    router, its two exception middlewares and its request wrapper were about a fifth
+    of that CPU (bench/proxy.py); these three routes need none of them.
+    """
+
+    starlette: Starlette
+    api: Api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            kind = COMPLETION_PATHS.get(path)
+            if kind is not None:
+                response = await self.api._completion(Request(scope, receive), path, kind)
+                await response(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
+
+
 def create_app(
     pool: ModelPool,
     settings: ServerSettings,
     metrics: Metrics | None = None,
     lifespan: Callable[[Starlette], Any] | None = None,
-) -> tuple[Starlette, Api]:
-    """The starlette app and its handler object."""
+) -> tuple[App, Api]:
+    """The ASGI app and its handler object."""
     api = Api(pool, settings, metrics or Metrics())
     routes = [
         Route("/health", api.health, methods=["GET"]),
@@ -1026,7 +1060,8 @@ def create_app(
         Route("/admin/instances/{key}/unload", api.admin_unload, methods=["POST"]),
     ]
     handlers = {HTTPException: _http_exception}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers), api
+    starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return App(starlette, api), api
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -19,9 +19,8 @@ from rocmux.types import LoadConfig
 
 if TYPE_CHECKING:
     import uvicorn
-    from starlette.applications import Starlette
 
-    from rocmux.http_api import Api
+    from rocmux.http_api import Api, App
     from rocmux.pool import MemoryProbe, ModelPool
 
 
@@ -68,7 +67,7 @@ class Service:
     """Free memory on a device now; default: ``rocmux.pool.measure_free`` (NVML, sysfs,
     ``/proc/meminfo``). Tests pass a fake."""
 
-    def build(self) -> tuple[Starlette, Api, ModelPool]:
+    def build(self) -> tuple[App, Api, ModelPool]:
         from rocmux.http_api import Metrics, create_app
         from rocmux.pool import ModelPool, PoolObserver, measure_free
 
@@ -145,6 +144,8 @@ async def serve(
             port=settings.port,
             log_level="warning",
             lifespan="on",
+            # Forwarded-for headers are not used: skip the middleware that reads them.
+            proxy_headers=False,
             # A backstop: at shutdown_timeout the runtimes are stopped, which ends
             # the streams still open, each with an error event.
             timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10,
