@@ -170,6 +170,38 @@ async def test_64_concurrent_streaming_clients_get_whole_answers(tiny_model):
     assert all(count >= 20 for count, _ in results)  # a token may span two chunks' text
 
 
+@pytest.mark.parametrize("window", [0.2, 0.0])
+async def test_a_burst_of_requests_goes_to_the_runtime_together(tiny_model, window):
+    """With a ``burst_window``, 8 streams sent at once are forwarded in one release,
+    after a lone first request (which loads the model) went in its own; with 0 nothing
+    is held. ``rocmux_burst_forwards`` in /metrics counts the releases."""
+    settings = ServerSettings(burst_window=window)
+    async with running([tiny(tiny_model, parallel=8)], settings=settings) as (url, _pool):
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+            async def one(i: int) -> str:
+                body = {"model": "tiny", "prompt": f"hi {i}", "max_tokens": 4, "stream": True}
+                async with client.stream("POST", "/v1/completions", json=body) as response:
+                    assert response.status_code == 200
+                    return (await response.aread()).decode()
+
+            await one(-1)
+            answers: list[str] = []
+
+            async def collect(i: int) -> None:
+                answers.append(await one(i))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(collect, i)
+            text = (await client.get("/metrics")).text
+    assert len(answers) == 8 and all(a.rstrip().endswith("data: [DONE]") for a in answers)
+    releases = metric(text, "rocmux_burst_forwards_count")
+    forwarded = metric(text, "rocmux_burst_forwards_sum")
+    assert (releases, forwarded) == ((2, 9) if window else (0, 0))
+
+
 async def test_client_disconnect_cancels_the_upstream_request(tiny_model):
     async with running([tiny(tiny_model, parallel=1)]) as (url, pool):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:

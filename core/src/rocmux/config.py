@@ -28,6 +28,7 @@ Recognised keys (every one optional)::
     shutdown_timeout = 30          # seconds SIGTERM lets streams finish before cutting them
     loading_comments = false       # SSE ": loading MODEL" lines while a stream waits for a load
     loading_comment_interval = 5   # seconds between them
+    burst_window = 0.00025         # seconds a forward waits for more of a burst (0: none)
 
     [limits]
     max_loaded = 2                 # models loaded at once
@@ -185,6 +186,13 @@ class ServerSettings:
     do not time the connection out."""
     loading_comment_interval: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     """Seconds between those comment lines."""
+    burst_window: float = attrs.field(
+        default=0.25e-3,
+        validator=[attrs.validators.instance_of((int, float)), attrs.validators.ge(0)],
+    )
+    """Seconds a request is held before it goes to its runtime, restarting whenever
+    another request arrives (at most 20 windows), so that a burst reaches the runtime together
+    and shares its first batch (``rocmux.burst``); 0: forward each at once."""
 
     @api_keys.validator
     def _check_keys(self, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:

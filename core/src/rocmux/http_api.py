@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from rocmux.burst import BurstGate
 from rocmux.config import ServerSettings
 from rocmux.errors import RocmuxError, ServerCrashed
 from rocmux.pool import Instance, ModelPool, ModelTooLarge, ModelUnknown, PoolBusy
@@ -99,6 +100,12 @@ class Metrics:
             "rocmux_requests_in_flight", "Requests being served", ["model"], registry=r
         )
         self.loaded = Gauge("rocmux_models_loaded", "Instances loaded", registry=r)
+        self.burst = Histogram(
+            "rocmux_burst_forwards",
+            "Requests sent to runtimes together after a burst_window hold",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.reserved = Gauge(
             "rocmux_memory_reserved_bytes", "Estimated memory of the loaded instances", registry=r
         )
@@ -417,6 +424,14 @@ class Api:
     settings: ServerSettings
     metrics: Metrics
     relay: RelayClient = attrs.field(factory=RelayClient, init=False)
+    gate: BurstGate = attrs.field(
+        default=attrs.Factory(
+            lambda self: BurstGate(self.settings.burst_window, self.metrics.burst.observe),
+            takes_self=True,
+        ),
+        init=False,
+    )
+    """Holds forwards to runtimes until a burst of requests has been read."""
     """Runtimes on plain-HTTP URLs (loopback): the lean streaming client."""
     _https: httpx.AsyncClient | None = attrs.field(default=None, init=False)
     shutting_down: bool = attrs.field(default=False, init=False)
@@ -678,6 +693,7 @@ class Api:
         self, instance: Instance, path: str, raw: bytes, read_timeout: float | None
     ) -> RelayResponse | httpx.Response:
         """POST to the runtime; the response head is read, the body left to stream."""
+        await self.gate.passage()
         for attempt in range(2):
             await instance.model.ensure_running()  # type: ignore[union-attr]
             url: str = instance.model.url  # type: ignore[union-attr]
@@ -1034,6 +1050,7 @@ class App:
             path = scope["path"]
             kind = COMPLETION_PATHS.get(path)
             if kind is not None:
+                self.api.gate.arrived()
                 response = await self.api._completion(Request(scope, receive), path, kind)
                 await response(scope, receive, send)
                 return

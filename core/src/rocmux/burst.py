@@ -1,0 +1,70 @@
+"""Holding the forwards of a burst of requests until the whole burst has been read.
+
+A runtime that batches (llama-server, vLLM) starts a step with the requests it has. Sent
+straight to it, the 32 requests of an agent's fan-out land within a millisecond or so
+and share one prefill step. Through ``rocmux serve`` one event loop reads and forwards
+them one after another, so the first few land alone, start a step of their own, and
+the others wait for that step to end before theirs begins: at 32 streams on an H100
+that cost 5-8 ms of median time to first token (docs/benchmarks.md).
+
+:class:`BurstGate` lets a forward go once no request has arrived for ``window``
+seconds; the forwards held meanwhile then leave together, in one pass of the loop. A
+lone request waits ``window`` (a fraction of a millisecond); one that keeps finding
+new arrivals waits at most ``cap`` (20 windows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import attrs
+
+
+@attrs.define(eq=False)
+class BurstGate:
+    """Forwards wait in :meth:`passage` until arrivals (:meth:`arrived`) pause."""
+
+    window: float
+    """Seconds without a new arrival after which held forwards go; 0: never hold."""
+    on_release: Callable[[int], None] = lambda n: None
+    """Called with the number of forwards each release lets go."""
+    cap: float = attrs.field(
+        default=attrs.Factory(lambda self: 20 * self.window, takes_self=True)
+    )
+    """The longest a forward is held, in seconds, however often requests arrive."""
+    _last: float = attrs.field(default=0.0, init=False)
+    _held: list[asyncio.Future[None]] = attrs.field(factory=list, init=False)
+    _since: float = attrs.field(default=0.0, init=False)
+
+    def arrived(self) -> None:
+        """A request came in: forwards held now wait for the quiet after it."""
+        self._last = time.monotonic()
+
+    async def passage(self) -> None:
+        """Return when this request may be forwarded."""
+        if self.window <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if not self._held:
+            self._since = time.monotonic()
+            # Checked on every pass of the loop (a timer would round to a millisecond),
+            # so each pass also polls the sockets for more of the burst.
+            loop.call_soon(self._check, loop)
+        self._held.append(waiter)
+        await waiter
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = time.monotonic()
+        if now - self._last < self.window and now - self._since < self.cap:
+            loop.call_soon(self._check, loop)
+            return
+        held, self._held = self._held, []
+        released = 0
+        for waiter in held:
+            if not waiter.done():  # else a cancelled request's
+                waiter.set_result(None)
+                released += 1
+        self.on_release(released)
