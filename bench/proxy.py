@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -446,12 +447,17 @@ async def proxy_part(
     litellm_exe: Path,
     workdir: Path,
     launcher: Sequence[str] = ROCMUX,
+    burst_window: float | None = None,
 ) -> tuple[list[Round], dict[str, Any]]:
     env = base_env(workdir)
     port = free_port()
     argv = [*launcher, "serve", "--port", str(port), "-m", str(smol)]
     argv += ["--ctx-size", "4096", "--parallel", "32"]
-    info: dict[str, Any] = {"rocmux_argv": argv}
+    info: dict[str, Any] = {"rocmux_argv": argv, "burst_window": burst_window}
+    if burst_window is not None:
+        config = workdir / "rocmux-proxy.toml"
+        config.write_text(f"[server]\nburst_window = {burst_window!r}\n")
+        env["ROCMUX_CONFIG"] = str(config)
     serve = start("rocmux-serve", argv, env, workdir)
     litellm: Proc | None = None
     runtime_pid: int | None = None
@@ -1260,6 +1266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--render-only", action="store_true", help="re-draw plot and docs from --json; no runs"
     )
     parser.add_argument(
+        "--burst-window",
+        type=float,
+        default=None,
+        help="rocmux serve's [server] burst_window, seconds (default: its default)",
+    )
+    parser.add_argument(
         "--only",
         choices=("proxy", "swaps"),
         help="run one part; the other part's results are kept from --json",
@@ -1305,7 +1317,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         (workdir / "xdg").mkdir()
         if args.only != "swaps":
-            runs, proxy_info = anyio.run(proxy_part, smol, levels, rounds, args.litellm, workdir)
+            runs, proxy_info = anyio.run(
+                functools.partial(
+                    proxy_part,
+                    smol,
+                    levels,
+                    rounds,
+                    args.litellm,
+                    workdir,
+                    burst_window=args.burst_window,
+                )
+            )
             meta |= {
                 "levels": levels,
                 "rounds": rounds,
