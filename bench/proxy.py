@@ -304,6 +304,8 @@ class Round:
     completion_tokens: list[int | None]
     cpu_s: dict[str, float]  # process -> CPU seconds during the round
     errors: list[str]  # failed streams of earlier attempts at this round (then re-run)
+    send_spread_ms: float | None = None  # first request sent -> last request sent
+    releases: int | None = None  # rocmux's burst-window releases during the round
 
     @property
     def agg_tps(self) -> float:
@@ -373,7 +375,17 @@ async def _attempt_round(
         completion_tokens=[s.completion_tokens for s in streams],
         cpu_s=cpu,
         errors=[],
+        send_spread_ms=(max(s.sent for s in streams) - min(s.sent for s in streams)) * 1e3,
     )
+
+
+async def burst_releases(client: httpx.AsyncClient, base: str) -> float:
+    """How many times rocmux serve has let held forwards go (``burst_window``)."""
+    text = (await client.get(base + "/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("rocmux_burst_forwards_count "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def litellm_config(path: Path, upstream: str) -> None:
@@ -515,7 +527,10 @@ async def proxy_part(
                 k = r % len(paths)
                 order = paths[k:] + paths[:k]
                 for j, path in enumerate(order):
+                    before = await burst_releases(admin_client, base) if path == "rocmux" else 0
                     run = await run_round(targets[path], level, r, path, j, pids)
+                    if path == "rocmux":
+                        run.releases = round(await burst_releases(admin_client, base) - before)
                     if r >= 0:
                         runs.append(run)
                 if r >= 0 and (r + 1) % max(1, n_rounds // 4) == 0:
@@ -785,6 +800,14 @@ def summarize_proxy(runs: Sequence[Round], paths: Sequence[str]) -> dict[str, An
                     for name in rs[0].cpu_s
                 },
             }
+            spreads = [r.send_spread_ms for r in rs if r.send_spread_ms is not None]
+            if spreads:
+                s["send_spread_ms_median"] = float(np.median(spreads))
+            releases = [r.releases for r in rs if r.releases is not None]
+            if releases:
+                # One release per round: the whole burst went to the runtime together.
+                s["releases_per_round_median"] = float(np.median(releases))
+                s["rounds_split"] = sum(n > 1 for n in releases)
             if path != "direct":
                 ratios = agg / tps("direct", all_rounds)
                 boot_ratio = [
