@@ -91,3 +91,42 @@ async def test_a_cancelled_request_does_not_hold_back_the_others() -> None:
 def test_the_cap_is_twenty_windows_unless_given() -> None:
     assert BurstGate(0.00025).cap == pytest.approx(0.005)
     assert BurstGate(0.1, cap=0.5).cap == 0.5
+
+
+async def test_held_forwards_are_all_written_before_any_request_goes_on() -> None:
+    """The release calls every held request's write back to back, in one callback:
+    none of them waits for another's task to run."""
+    gate = BurstGate(0.02, cap=30.0)
+    written: list[int] = []
+    seen: list[int] = []
+
+    async def request(i: int) -> None:
+        gate.arrived()
+        await gate.passage(lambda: written.append(i))
+        seen.append(len(written))
+
+    await asyncio.gather(*(request(i) for i in range(6)))
+    assert written == list(range(6))
+    assert seen == [6] * 6
+
+
+async def test_a_forward_that_fails_fails_its_own_request_only() -> None:
+    releases: list[int] = []
+    gate = BurstGate(0.02, releases.append, cap=30.0)
+
+    def broken() -> None:
+        raise OSError("connection reset")
+
+    gate.arrived()
+    outcomes = await asyncio.gather(
+        gate.passage(broken), gate.passage(lambda: None), return_exceptions=True
+    )
+    assert isinstance(outcomes[0], OSError) and outcomes[1] is None
+    assert releases == [1]
+
+
+async def test_without_a_window_the_forward_is_written_at_once() -> None:
+    gate = BurstGate(0.0)
+    written: list[int] = []
+    await gate.passage(lambda: written.append(1))
+    assert written == [1]

@@ -233,3 +233,41 @@ async def test_a_request_lost_on_a_reused_connection_goes_again_on_a_fresh_one(
     )
     assert len(events(await again.aread())) == 3
     await again.aclose()
+
+
+async def test_a_held_request_is_written_only_when_its_hold_writes_it(upstream, client):
+    """``hold`` gets the write of a request that is ready to go (the burst gate's
+    use): nothing reaches the runtime until it calls it; a hold that is cancelled
+    first drops the connection instead of returning it to the pool."""
+    go = anyio.Event()
+    writes: list[object] = []
+
+    async def hold(send) -> None:
+        writes.append(send)
+        await go.wait()
+        send()
+
+    result: list[relay.RelayResponse] = []
+
+    async def post() -> None:
+        result.append(
+            await client.post(upstream, "/v1/completions", body(max_tokens=2), 5.0, hold=hold)
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(post)
+        await anyio.sleep(0.2)
+        assert len(writes) == 1 and not result  # held: no answer without a request
+        (conn,) = client._open
+        assert conn.parser is None  # not begun: nothing written on it yet
+        go.set()
+    (response,) = result
+    assert response.status_code == 200 and events(await response.aread())[-1] == "[DONE]"
+    await response.aclose()
+
+    async def never(send) -> None:
+        await anyio.sleep_forever()
+
+    with anyio.move_on_after(0.1):
+        await client.post(upstream, "/v1/completions", body(max_tokens=2), 5.0, hold=never)
+    assert not client._open and not any(client._idle.values())

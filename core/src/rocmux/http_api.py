@@ -693,13 +693,18 @@ class Api:
         self, instance: Instance, path: str, raw: bytes, read_timeout: float | None
     ) -> RelayResponse | httpx.Response:
         """POST to the runtime; the response head is read, the body left to stream."""
-        await self.gate.passage()
         for attempt in range(2):
             await instance.model.ensure_running()  # type: ignore[union-attr]
             url: str = instance.model.url  # type: ignore[union-attr]
+            # A retry goes at once: the burst it came with has gone already.
+            hold = self.gate.passage if attempt == 0 else None
             try:
                 if url.startswith("http://"):
-                    return await self.relay.post(url, path, raw, read_timeout, fresh=attempt > 0)
+                    return await self.relay.post(
+                        url, path, raw, read_timeout, fresh=attempt > 0, hold=hold
+                    )
+                if hold is not None:
+                    await hold(None)
                 http = self._tls_client()
                 request = http.build_request(
                     "POST",

@@ -21,9 +21,10 @@ Used only under an asyncio loop (uvicorn's); TLS URLs stay with httpx.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import attrs
@@ -256,10 +257,13 @@ class RelayClient:
         read_timeout: float | None,
         *,
         fresh: bool = False,
+        hold: Callable[[Callable[[], None]], Awaitable[None]] | None = None,
     ) -> RelayResponse:
         """POST ``body`` (JSON) to ``base + path``; returns once the head arrived.
         ``fresh``: on a new connection, not a pooled one (to retry a request that a
-        pooled connection lost because the runtime had just closed it)."""
+        pooled connection lost because the runtime had just closed it). ``hold``: given
+        the write of the request, ready to go, does it when it sees fit
+        (:meth:`rocmux.burst.BurstGate.passage`)."""
         host, port, netloc = self._address(base)
         conn = await self._checkout(host, port, fresh)
         request = b"".join(
@@ -274,8 +278,11 @@ class RelayClient:
                 body,
             )
         )
-        conn.begin(request)
         try:
+            if hold is None:
+                conn.begin(request)
+            else:
+                await hold(functools.partial(conn.begin, request))
             while not conn.head_done:
                 if conn.error is not None:
                     raise conn.error
