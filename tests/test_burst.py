@@ -130,3 +130,25 @@ async def test_without_a_window_the_forward_is_written_at_once() -> None:
     written: list[int] = []
     await gate.passage(lambda: written.append(1))
     assert written == [1]
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+async def test_a_request_whose_handler_starts_passes_later_joins_the_burst(lag) -> None:
+    """uvicorn parses a request in one pass of the loop and starts its handler in the
+    next: a pass spent parsing part of a burst must not look like the end of it, even
+    with a window the clock has long passed."""
+    releases: list[int] = []
+    gate = BurstGate(1e-9, releases.append, cap=30.0)
+
+    async def first() -> None:
+        gate.arrived()
+        await gate.passage()
+
+    async def late() -> None:
+        for _ in range(lag):
+            await asyncio.sleep(0)
+        gate.arrived()
+        await gate.passage()
+
+    await asyncio.gather(first(), late())
+    assert releases == [2]
