@@ -11,7 +11,7 @@ connection after the first event), ``"garbage"`` (a head that is not HTTP),
 every connection is dropped unanswered (as llama-server does when it closes a kept-alive
 connection just as it is reused).
 
-Prints ``ready <port>`` when it listens. Used by tests/test_relay.py and bench/relay.py.
+Prints ``ready <port>`` when it listens. Used by tests/test_relay.py.
 """
 
 from __future__ import annotations

@@ -1040,11 +1040,11 @@ class App:
     """``rocmux serve``'s ASGI app: POSTs to :data:`COMPLETION_PATHS` go straight to
     the handler; everything else (other routes, other methods, lifespan) to starlette.
 
-    In a burst of requests one event loop forwards them one after another, so every
-    request's CPU before its forward delays all later ones: llama-server then starts
-    a step with the first few alone and the rest wait for the next. Starlette's
-    router, its two exception middlewares and its request wrapper were about a fifth
-    of that CPU (bench/proxy.py); these three routes need none of them.
+    In a burst of requests one event loop reads them one after another, so every
+    request's CPU before its forward delays the later ones (``rocmux.burst`` holds
+    the forwards until the burst has been read). Starlette's router, its two exception
+    middlewares and its request wrapper are part of that CPU, and these three routes
+    need none of them.
     """
 
     starlette: Starlette
