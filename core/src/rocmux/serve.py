@@ -146,6 +146,9 @@ async def serve(
             lifespan="on",
             # Forwarded-for headers are not used: skip the middleware that reads them.
             proxy_headers=False,
+            # Info-level lines, never shown at "warning", whose arguments uvicorn would
+            # still format for every response.
+            access_log=False,
             # A backstop: at shutdown_timeout the runtimes are stopped, which ends
             # the streams still open, each with an error event.
             timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10,
