@@ -1148,6 +1148,16 @@ def docs_section(result: Mapping[str, Any], plot_path: Path) -> str:
         if any(failed.values())
         else "No stream failed.\n\n"
     )
+    whole = [
+        f"{r['rounds'] - r['rounds_split']} of {r['rounds']} at {n} streams"
+        for n in levels
+        if n > 1 and "rounds_split" in (r := proxy[str(n)]["rocmux"])
+    ]
+    if whole:
+        failed_text += (
+            "Bursts that `rocmux serve` sent to llama-server in one release of its burst "
+            f"gate (`[server] burst_window`, docs/serve.md): {', '.join(whole)}.\n\n"
+        )
     try:
         img = plot_path.resolve().relative_to(DOCS.parent.resolve()).as_posix()
     except ValueError:
@@ -1229,7 +1239,8 @@ server that needs more than 250 ms would wait for the next check 5 s later.
 
 
 def update_docs(section: str) -> None:
-    """Replace this script's section of docs/benchmarks.md (or append it), keeping the rest."""
+    """Replace this script's section of docs/benchmarks.md (or append it), keeping the rest,
+    its hand-written ``###`` subsections (the H100 runs) included."""
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
     lines = text.splitlines(keepends=True)
     start_i = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
@@ -1237,7 +1248,8 @@ def update_docs(section: str) -> None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
         end = next(
-            (i for i in range(start_i + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+            (i for i in range(start_i + 1, len(lines)) if lines[i].startswith(("## ", "### "))),
+            len(lines),
         )
         tail = "".join(lines[end:])
         new = "".join(lines[:start_i]) + section + ("\n" + tail if tail else "")
