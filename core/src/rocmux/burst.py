@@ -5,15 +5,14 @@ straight to it, the 32 requests of an agent's fan-out land within a millisecond 
 and share one prefill step. Through ``rocmux serve`` one event loop reads and forwards
 them one after another, so the first few land alone, start a step of their own, and
 the others wait for that step to end before theirs begins: at 32 streams on an H100
-that cost 5-8 ms of median time to first token (docs/benchmarks.md).
+that cost 4.5-7.7 ms of median time to first token (docs/benchmarks.md).
 
 :class:`BurstGate` lets a forward go once no request has arrived for ``window``
 seconds nor in two more passes of the event loop; the forwards held meanwhile then
 leave together: their requests, built and on their connections already, are written
-one after another in one callback, so that a burst of 32 reaches the runtime in well
-under a millisecond however slow the rest of the path is. A lone request waits
-``window`` (a fraction of a millisecond); one that keeps finding new arrivals waits at
-most ``cap`` (20 windows).
+one after another in one callback, none waiting for another's task to run. A lone
+request waits ``window`` (a fraction of a millisecond); one that keeps finding new
+arrivals waits at most ``cap`` (20 windows).
 """
 
 from __future__ import annotations

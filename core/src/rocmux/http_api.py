@@ -424,6 +424,7 @@ class Api:
     settings: ServerSettings
     metrics: Metrics
     relay: RelayClient = attrs.field(factory=RelayClient, init=False)
+    """Runtimes on plain-HTTP URLs (loopback): the lean streaming client."""
     gate: BurstGate = attrs.field(
         default=attrs.Factory(
             lambda self: BurstGate(self.settings.burst_window, self.metrics.burst.observe),
@@ -432,7 +433,6 @@ class Api:
         init=False,
     )
     """Holds forwards to runtimes until a burst of requests has been read."""
-    """Runtimes on plain-HTTP URLs (loopback): the lean streaming client."""
     _https: httpx.AsyncClient | None = attrs.field(default=None, init=False)
     shutting_down: bool = attrs.field(default=False, init=False)
     """Set when the drain deadline of a graceful shutdown has passed."""
