@@ -271,3 +271,28 @@ async def test_a_held_request_is_written_only_when_its_hold_writes_it(upstream, 
     with anyio.move_on_after(0.1):
         await client.post(upstream, "/v1/completions", body(max_tokens=2), 5.0, hold=never)
     assert not client._open and not any(client._idle.values())
+
+
+async def test_a_connection_closed_while_its_request_is_held_fails_at_once(upstream, client):
+    """A pooled connection that closes after checkout but before the held write
+    (the runtime closed it meanwhile) fails like a lost request, at once, so that the
+    caller can retry on a new one; a write on it would vanish and the request would
+    wait out the read timeout."""
+    warm = await client.post(upstream, "/v1/completions", body(max_tokens=1), 5.0)
+    await warm.aread()
+    await warm.aclose()
+
+    async def hold(send) -> None:
+        (conn,) = client._open
+        conn.transport.close()  # as if the runtime had closed it
+        await anyio.sleep(0.05)  # connection_lost comes in
+        send()
+
+    started = time.monotonic()
+    with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+        await client.post(upstream, "/v1/completions", body(max_tokens=1), 3.0, hold=hold)
+    assert time.monotonic() - started < 2.0
+    again = await client.post(upstream, "/v1/completions", body(max_tokens=1), 5.0, fresh=True)
+    assert again.status_code == 200
+    await again.aread()
+    await again.aclose()

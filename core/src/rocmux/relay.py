@@ -122,6 +122,13 @@ class _Connection(asyncio.Protocol):
         self.status, self.headers, self.head_done, self.complete = 0, [], False, False
         self.chunks, self.buffered, self.error = [], 0, None
         self.last_data = self.loop.time()
+        if self.closed or self.transport.is_closing():
+            # The runtime closed it after checkout, while the request was held (burst
+            # gate): a write now would be dropped without a word and the request would
+            # wait out the stall timeout. Failing it like a lost request lets the
+            # caller retry on a new connection.
+            self._fail(httpx.RemoteProtocolError("Server disconnected without sending a response."))
+            return
         self.transport.write(request)
 
     def take(self) -> bytes:
