@@ -528,15 +528,6 @@ class Api:
             return error_response(404, f"no loaded instance {key!r}", code="instance_not_found")
         return JSONResponse({"unloaded": key})
 
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._completion(request, "/v1/chat/completions", "chat")
-
-    async def completions(self, request: Request) -> Response:
-        return await self._completion(request, "/v1/completions", "completion")
-
-    async def embeddings(self, request: Request) -> Response:
-        return await self._completion(request, "/v1/embeddings", "embedding")
-
     async def _completion(self, request: Request, path: str, kind: str) -> Response:
         arrived = time.perf_counter()
         if not self._authorized(request):
@@ -1074,9 +1065,8 @@ def create_app(
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_endpoint, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
-        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
-        Route("/v1/completions", api.completions, methods=["POST"]),
-        Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+        # App answers their POSTs; the routes are here so other methods get a 405.
+        *(Route(path, _not_reached, methods=["POST"]) for path in COMPLETION_PATHS),
         Route("/admin/instances", api.admin_instances, methods=["GET"]),
         Route("/admin/events", api.admin_events, methods=["GET"]),
         Route("/admin/instances/{key}/unload", api.admin_unload, methods=["POST"]),
@@ -1084,6 +1074,10 @@ def create_app(
     handlers = {HTTPException: _http_exception}
     starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     return App(starlette, api), api
+
+
+async def _not_reached(request: Request) -> Response:
+    raise AssertionError("App handles POSTs to the completion paths before starlette")
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
