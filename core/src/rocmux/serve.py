@@ -137,27 +137,34 @@ async def serve(
         file=sys.stderr,
         flush=True,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_level="warning",
-            lifespan="on",
-            # Forwarded-for headers are not used: skip the middleware that reads them.
-            proxy_headers=False,
-            # Info-level lines, never shown at "warning", whose arguments uvicorn would
-            # still format for every response.
-            access_log=False,
-            # A backstop: at shutdown_timeout the runtimes are stopped, which ends
-            # the streams still open, each with an error event.
-            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10,
-        )
-    )
+    server = uvicorn.Server(uvicorn_config(app, settings))
     async with anyio.create_task_group() as tg:
         tg.start_soon(_drain_deadline, server, api, settings.shutdown_timeout)
         await server.serve()
         tg.cancel_scope.cancel()
+
+
+def uvicorn_config(
+    app: App, settings: ServerSettings, log_level: str = "warning"
+) -> uvicorn.Config:
+    """How ``rocmux serve`` runs ``app`` on uvicorn (``rocmux.testing.serving`` too)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        lifespan="on",
+        # Forwarded-for headers are not used: skip the middleware that reads them.
+        proxy_headers=False,
+        # Info-level lines, never shown at "warning", whose arguments uvicorn would
+        # still format for every response.
+        access_log=False,
+        # A backstop: at shutdown_timeout the runtimes are stopped, which ends
+        # the streams still open, each with an error event.
+        timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10,
+    )
 
 
 async def _drain_deadline(server: uvicorn.Server, api: Api, grace: float) -> None:

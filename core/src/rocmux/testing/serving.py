@@ -39,7 +39,7 @@ async def serve_in_process(
 
     from rocmux.config import Config, Limits, ServerSettings
     from rocmux.manager import PluginManager
-    from rocmux.serve import Service
+    from rocmux.serve import Service, uvicorn_config
     from rocmux.supervisor import poll_until
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -55,7 +55,7 @@ async def serve_in_process(
             memory_probe,
         )
         app, _api, pool = service.build()
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        server = uvicorn.Server(uvicorn_config(app, settings, log_level))
         async with anyio.create_task_group() as tg:
             tg.start_soon(functools.partial(server.serve, sockets=[sock]))
             with anyio.fail_after(start_timeout):
