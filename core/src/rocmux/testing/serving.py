@@ -35,6 +35,7 @@ async def serve_in_process(
     import functools
     import socket
 
+    import attrs
     import uvicorn
 
     from rocmux.config import Config, Limits, ServerSettings
@@ -46,7 +47,8 @@ async def serve_in_process(
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", settings.port if settings else 0))
-        settings = settings or ServerSettings(port=sock.getsockname()[1])
+        port = sock.getsockname()[1]  # the one the OS picked, for a port of 0
+        settings = attrs.evolve(settings, port=port) if settings else ServerSettings(port=port)
         service = Service(
             list(entries),
             Config(limits=limits or Limits()),
