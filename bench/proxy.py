@@ -473,12 +473,11 @@ async def proxy_part(
     serve = start("rocmux-serve", argv, env, workdir)
     litellm: Proc | None = None
     runtime_pid: int | None = None
-    clients: list[httpx.AsyncClient] = []
+    admin_client: httpx.AsyncClient | None = None
     streamers: list[RelayClient] = []
     try:
         base = f"http://127.0.0.1:{port}"
         await wait_http(serve, base + "/health", 60)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         timeout = httpx.Timeout(STREAM_TIMEOUT, connect=10.0)
 
         def client() -> RelayClient:
@@ -486,8 +485,7 @@ async def proxy_part(
             streamers.append(c)
             return c
 
-        admin_client = httpx.AsyncClient(trust_env=False, timeout=timeout, limits=limits)
-        clients.append(admin_client)
+        admin_client = httpx.AsyncClient(trust_env=False, timeout=timeout)
         rocmux_target = Target(base + "/v1/completions", "default", client())
         await stream_one(rocmux_target.client, rocmux_target.url, request_body("default", "Hi", 4))
         admin = await admin_client.get(base + "/admin/instances")
@@ -548,8 +546,8 @@ async def proxy_part(
         raise
     finally:
         with anyio.CancelScope(shield=True):
-            for c in clients:
-                await c.aclose()
+            if admin_client is not None:
+                await admin_client.aclose()
             for r in streamers:
                 await r.aclose()
         if litellm is not None:
