@@ -95,8 +95,11 @@ class Service:
                 finally:
                     tg.cancel_scope.cancel()
                     with anyio.CancelScope(shield=True):
-                        await api.aclose()
-                        await pool.aclose()
+                        try:
+                            await api.aclose()
+                        finally:
+                            # The runtimes are stopped whatever went wrong above.
+                            await pool.aclose()
 
         app, api = create_app(pool, self.settings, metrics, lifespan=lifespan)
         return app, api, pool
