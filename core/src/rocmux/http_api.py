@@ -132,6 +132,54 @@ class Metrics:
                     self.tokens.labels(model, kind.removesuffix("_tokens")).inc(value)
 
 
+def authorized(api_keys: tuple[str, ...], request: Request) -> bool:
+    """Whether ``request`` carries one of ``api_keys`` as a Bearer token (or none are set)."""
+    if not api_keys:
+        return True
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    # Every key is compared, in constant time, so timing says nothing about them.
+    matched = False
+    for key in api_keys:
+        matched |= hmac.compare_digest(token.encode(), key.encode())
+    return matched
+
+
+def unauthorized() -> JSONResponse:
+    return error_response(
+        401,
+        "missing or wrong API key: send 'Authorization: Bearer <key>'",
+        "authentication_error",
+        code="invalid_api_key",
+        headers={"www-authenticate": "Bearer"},
+    )
+
+
+async def read_json_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    """The request's body, raw and parsed; BadRequest when over ``limit`` bytes or not
+    a JSON object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return raw, body
+
+
 class _Stream(StreamingResponse):
     """A streaming response whose cleanup runs even if the body never starts
     (a client that disconnects at once).
@@ -661,47 +709,13 @@ class Api:
     # -- plumbing -------------------------------------------------------------------------
 
     def _authorized(self, request: Request) -> bool:
-        if not self.settings.api_keys:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        # Every key is compared, in constant time, so timing says nothing about them.
-        matched = False
-        for key in self.settings.api_keys:
-            matched |= hmac.compare_digest(token.encode(), key.encode())
-        return matched
+        return authorized(self.settings.api_keys, request)
 
     def _unauthorized(self) -> JSONResponse:
-        return error_response(
-            401,
-            "missing or wrong API key: send 'Authorization: Bearer <key>'",
-            "authentication_error",
-            code="invalid_api_key",
-            headers={"www-authenticate": "Bearer"},
-        )
+        return unauthorized()
 
     async def _json_body(self, request: Request) -> tuple[bytes, dict[str, Any]]:
-        declared = request.headers.get("content-length")
-        limit = self.settings.max_body_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise BadRequest("request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        return raw, body
+        return await read_json_body(request, self.settings.max_body_bytes)
 
     # -- endpoints --------------------------------------------------------------------------
 
