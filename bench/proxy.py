@@ -175,38 +175,15 @@ async def wait_http(proc: Proc, url: str, limit: float) -> None:
                 await anyio.sleep(0.05)
 
 
-Pids = int | Sequence[int] | None
-"""A process, several (CPU is summed), or none."""
-
-
-def cpu_seconds(pid: Pids) -> float:
-    """User + system CPU time of process ``pid`` (all threads; of every process when
-    given several), 0 when it is gone."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (all threads), 0 when it is gone."""
     if pid is None:
         return 0.0
-    if not isinstance(pid, int):
-        return sum(cpu_seconds(p) for p in pid)
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def front_pids(pid: int) -> list[int]:
-    """The front processes (``[server] workers``) of the ``rocmux serve`` ``pid``."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == pid and b"rocmux.front" in cmdline:
-            out.append(int(entry.name))
-    return out
 
 
 def pid_gone(pid: int) -> bool:
@@ -345,7 +322,7 @@ class Target:
 
 
 async def run_round(
-    target: Target, level: int, round_: int, path: str, order: int, pids: Mapping[str, Pids]
+    target: Target, level: int, round_: int, path: str, order: int, pids: Mapping[str, int | None]
 ) -> Round:
     """The round; one whose streams fail is recorded (``errors``) and run again."""
     errors: list[str] = []
@@ -360,7 +337,7 @@ async def run_round(
 
 
 async def _attempt_round(
-    target: Target, level: int, round_: int, path: str, order: int, pids: Mapping[str, Pids]
+    target: Target, level: int, round_: int, path: str, order: int, pids: Mapping[str, int | None]
 ) -> Round | list[str]:
     bodies = [
         request_body(target.model, PROMPTS[(round_ + i) % len(PROMPTS)], TOKENS)
@@ -483,19 +460,12 @@ async def proxy_part(
     workdir: Path,
     launcher: Sequence[str] = ROCMUX,
     burst_window: float | None = None,
-    workers: int | None = None,
 ) -> tuple[list[Round], dict[str, Any]]:
     env = base_env(workdir)
     port = free_port()
     argv = [*launcher, "serve", "--port", str(port), "-m", str(smol)]
     argv += ["--ctx-size", "4096", "--parallel", "32"]
-    if workers is not None:
-        argv += ["--workers", str(workers)]
-    info: dict[str, Any] = {
-        "rocmux_argv": argv,
-        "burst_window": burst_window,
-        "workers": workers or 0,
-    }
+    info: dict[str, Any] = {"rocmux_argv": argv, "burst_window": burst_window}
     if burst_window is not None:
         config = workdir / "rocmux-proxy.toml"
         config.write_text(f"[server]\nburst_window = {burst_window!r}\n")
@@ -544,8 +514,7 @@ async def proxy_part(
         paths = [p for p in PATHS if p in targets]
         pids = {
             "llama-server": runtime_pid,
-            # with [server] workers, its front processes too
-            "rocmux": (serve.pid, *front_pids(serve.pid)),
+            "rocmux": serve.pid,
             "litellm": None if litellm is None else litellm.pid,
         }
 
@@ -1336,12 +1305,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rocmux serve's [server] burst_window, seconds (default: its default)",
     )
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="rocmux serve's front processes ([server] workers; default: none)",
-    )
-    parser.add_argument(
         "--only",
         choices=("proxy", "swaps"),
         help="run one part; the other part's results are kept from --json",
@@ -1396,7 +1359,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.litellm,
                     workdir,
                     burst_window=args.burst_window,
-                    workers=args.workers,
                 )
             )
             meta |= {

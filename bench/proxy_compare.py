@@ -25,9 +25,7 @@ from rocmux.config import ServerSettings
 def rows(path: Path) -> list[str]:
     result = json.loads(path.read_text())
     runs = [Round(**{k: v for k, v in r.items() if k != "agg_tps"}) for r in result["runs"]]
-    servers = result["meta"].get("proxy_servers", {})
-    window = servers.get("burst_window")
-    workers = servers.get("workers", 0)
+    window = result["meta"].get("proxy_servers", {}).get("burst_window")
     shown = f"{ServerSettings().burst_window * 1e3:g} ms (default)" if window is None else None
     out = []
     for level, by_path in summarize_proxy(runs, result["meta"]["paths"]).items():
@@ -41,7 +39,7 @@ def rows(path: Path) -> list[str]:
         )
         spread = d.get("send_spread_ms_median")
         out.append(
-            f"| {path.name} | {shown or f'{window * 1e3:g} ms'} | {workers} "
+            f"| {path.name} | {shown or f'{window * 1e3:g} ms'} "
             f"| {level} | {d['ttft_ms_median']:.2f} | **{r['ttft_added_ms']:+.2f}** "
             f"[{lo:+.2f}, {hi:+.2f}] | {r['tps_ratio']:.3f} [{rlo:.3f}, {rhi:.3f}] "
             f"({r['tps_ratio_paired_median']:.3f}) "
@@ -55,10 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="bench/proxy.py --json files")
     args = parser.parse_args(argv)
     print(
-        "| run | burst_window | workers | streams | direct TTFT median, ms | added, ms [95% CI] "
+        "| run | burst_window | streams | direct TTFT median, ms | added, ms [95% CI] "
         "| tok/s ratio [95% CI] (paired) | direct send spread, ms | releases per round |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for path in args.results:
         for row in rows(path):
             print(row)

@@ -65,16 +65,12 @@ fi
 if [[ $PARTS == *proxy* ]]; then
     # No LiteLLM here (no network to install it): direct and rocmux only.
     # BURST_WINDOWS="0 default": one run per rocmux serve burst_window, back to back.
-    # WORKERS="0 4": one run per number of rocmux serve front processes ([server] workers).
     for window in ${BURST_WINDOWS:-default}; do
-    for workers in ${WORKERS:-0}; do
         suffix=; flag=(${ONLY:+--only "$ONLY"})
         if [ "$window" != default ]; then suffix=-w$window; flag+=(--burst-window "$window"); fi
-        if [ "$workers" != 0 ]; then suffix=$suffix-k$workers; flag+=(--workers "$workers"); fi
         timeout 400 python3 bench/proxy.py --model "$models"/SmolLM2-135M-Instruct.Q4_1.random.gguf \
             --rounds "${ROUNDS:-60,15,8}" --swaps "${SWAPS:-16}" --litellm /nonexistent \
             "${flag[@]}" --json "$OUT/proxy-gpu$suffix.json" --plot "$OUT/proxy-gpu$suffix.png" \
             --no-docs 2>&1 | grep -v '^swap [0-9]' | tail -30 | tee "$OUT/proxy-gpu$suffix.txt"
-    done
     done
 fi

@@ -82,11 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", help="estimated memory all loaded models may use, e.g. 6GiB")
     p.add_argument("--ctx-size", type=int, dest="context_len", help="context length")
     p.add_argument("--parallel", type=int, help="parallel slots per model")
-    p.add_argument(
-        "--workers",
-        type=int,
-        help="front processes that read requests (default: [server] workers, 0: none)",
-    )
 
     p = sub.add_parser(
         "bench",
@@ -434,7 +429,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             models=args.model,
             load=load,
             max_loaded=args.max_loaded,
-            workers=args.workers,
         ),
         backend_options=_event_loop_options(),
     )

@@ -29,7 +29,6 @@ Recognised keys (every one optional)::
     loading_comments = false       # SSE ": loading MODEL" lines while a stream waits for a load
     loading_comment_interval = 5   # seconds between them
     burst_window = 0.00025         # seconds a forward waits for more of a burst (0: none)
-    workers = 0                    # front processes reading requests (0: the main one)
 
     [limits]
     max_loaded = 2                 # models loaded at once
@@ -194,13 +193,6 @@ class ServerSettings:
     """Seconds a request is held before it goes to its runtime, restarting whenever
     another request arrives (at most 20 windows), so that a burst reaches the runtime together
     and shares its first batch (``rocmux.burst``); 0: forward each at once."""
-    workers: int = attrs.field(
-        default=0, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)]
-    )
-    """Front processes that read requests and relay answers to and from runtimes that
-    are loaded (``rocmux.front``), each on a CPU core of its own; the main process keeps
-    the pool and decides, forwards and loads for them. 0: the main process reads every
-    request itself."""
 
     @api_keys.validator
     def _check_keys(self, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:

@@ -478,8 +478,8 @@ class _LoadingStream(Response):
 class Runtime(Protocol):
     """The runtime one relayed request goes to, and the place its figures are recorded.
 
-    In ``rocmux serve``'s main process it is an instance of the pool; in a front
-    process (:mod:`rocmux.front`) an instance leased from the main process.
+    An instance of the pool (:class:`_InstanceRuntime`); the proxy itself knows
+    nothing of pools, restarts or metrics.
     """
 
     name: str

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,10 +19,8 @@ from rocmux.types import LoadConfig
 
 if TYPE_CHECKING:
     import uvicorn
-    from starlette.types import ASGIApp
 
     from rocmux.http_api import Api, App
-    from rocmux.leases import Fronts
     from rocmux.pool import MemoryProbe, ModelPool
 
 
@@ -69,11 +66,6 @@ class Service:
     memory_probe: MemoryProbe | None = None
     """Free memory on a device now; default: ``rocmux.pool.measure_free`` (NVML, sysfs,
     ``/proc/meminfo``). Tests pass a fake."""
-    listen: socket.socket | None = None
-    """With ``[server] workers``: the public socket, which the front processes read."""
-    main_url: str | None = None
-    """With ``[server] workers``: where the fronts reach this process's own server."""
-    fronts: Fronts | None = attrs.field(default=None, init=False)
 
     def build(self) -> tuple[App, Api, ModelPool]:
         from rocmux.http_api import Metrics, create_app
@@ -98,16 +90,9 @@ class Service:
         async def lifespan(app: object) -> AsyncIterator[None]:
             async with anyio.create_task_group() as tg:
                 await tg.start(pool.run)
-                if self.fronts is not None:
-                    await tg.start(self.fronts.run)
                 try:
                     yield
                 finally:
-                    with anyio.CancelScope(shield=True):
-                        if self.fronts is not None:
-                            # Their requests hold instances: they finish (or are cut at
-                            # the drain deadline) before the runtimes stop.
-                            await self.fronts.stop(self.settings.shutdown_timeout + 15)
                     tg.cancel_scope.cancel()
                     with anyio.CancelScope(shield=True):
                         try:
@@ -117,10 +102,6 @@ class Service:
                             await pool.aclose()
 
         app, api = create_app(pool, self.settings, metrics, lifespan=lifespan)
-        if self.settings.workers and self.listen is not None and self.main_url is not None:
-            from rocmux.leases import Fronts
-
-            self.fronts = Fronts(self.settings.workers, self.listen, self.main_url, api)
         return app, api, pool
 
 
@@ -132,32 +113,20 @@ async def serve(
     models: Sequence[Path] = (),
     load: LoadConfig | None = None,
     max_loaded: int | None = None,
-    workers: int | None = None,
 ) -> None:
     """Run the server until SIGINT/SIGTERM; every runtime is stopped on the way out."""
     import uvicorn
 
     settings = settings_with_env(config.server)
     settings = attrs.evolve(
-        settings,
-        host=host or settings.host,
-        port=settings.port if port is None else port,
-        workers=settings.workers if workers is None else workers,
+        settings, host=host or settings.host, port=settings.port if port is None else port
     )
     if max_loaded is not None:
         config = attrs.evolve(config, limits=attrs.evolve(config.limits, max_loaded=max_loaded))
     if load is not None:
         config = attrs.evolve(config, load=load)
     entries = model_entries(config, models)
-    service = Service(entries, config, settings)
-    sockets = None
-    if settings.workers:
-        # The fronts read the public socket; this process serves them on loopback.
-        service.listen = bind_socket(settings.host, settings.port)
-        internal = bind_socket("127.0.0.1", 0)
-        service.main_url = f"http://127.0.0.1:{internal.getsockname()[1]}"
-        sockets = [internal]
-    app, api, _pool = service.build()
+    app, api, _pool = Service(entries, config, settings).build()
     if not is_loopback(settings.host) and not settings.api_keys:
         print(
             f"rocmux serve: WARNING: listening on {settings.host} with no API key: anyone "
@@ -166,36 +135,20 @@ async def serve(
             file=sys.stderr,
         )
     names = ", ".join(e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "") for e in entries)
-    fronts = f"  ({settings.workers} front processes)" if settings.workers else ""
     print(
-        f"rocmux serve: http://{settings.host}:{settings.port}/v1  models: {names}{fronts}",
+        f"rocmux serve: http://{settings.host}:{settings.port}/v1  models: {names}",
         file=sys.stderr,
         flush=True,
     )
     server = uvicorn.Server(uvicorn_config(app, settings))
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_drain_deadline, server, api, settings.shutdown_timeout, service.fronts)
-        await server.serve(sockets=sockets)
+        tg.start_soon(_drain_deadline, server, api, settings.shutdown_timeout)
+        await server.serve()
         tg.cancel_scope.cancel()
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port``, as uvicorn would bind it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"rocmux serve: cannot listen on {host}:{port}: {exc}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 def uvicorn_config(
-    app: ASGIApp, settings: ServerSettings, log_level: str = "warning"
+    app: App, settings: ServerSettings, log_level: str = "warning"
 ) -> uvicorn.Config:
     """How ``rocmux serve`` runs ``app`` on uvicorn (``rocmux.testing.serving`` too)."""
     import uvicorn
@@ -217,15 +170,11 @@ def uvicorn_config(
     )
 
 
-async def _drain_deadline(
-    server: uvicorn.Server, api: Api, grace: float, fronts: Fronts | None = None
-) -> None:
+async def _drain_deadline(server: uvicorn.Server, api: Api, grace: float) -> None:
     """Once a shutdown begins (SIGTERM, Ctrl-C), give in-flight requests ``grace``
     seconds, then stop the runtimes so that the streams left end cleanly."""
     from rocmux.supervisor import poll_until
 
     await poll_until(lambda: server.should_exit, interval=0.1)
-    if fronts is not None:
-        fronts.terminate()  # they stop taking connections and drain, as this one does
     await anyio.sleep(grace)
     await api.begin_shutdown()
