@@ -9,8 +9,7 @@ Misbehaviour for tests, by the request's ``"fault"`` field:
 connection after the first event), ``"garbage"`` (a head that is not HTTP),
 ``"nohead"`` (close without answering). With ``--drop-second``, the second request on
 every connection is dropped unanswered (as llama-server does when it closes a kept-alive
-connection just as it is reused); with ``--close-after-stream`` the connection is
-closed after every streamed answer (as llama-server does).
+connection just as it is reused).
 
 Prints ``ready <port>`` when it listens. Used by tests/test_relay.py.
 """
@@ -82,11 +81,7 @@ async def answer(body: dict[str, object], w: asyncio.StreamWriter, interval: flo
 
 
 async def handle(
-    r: asyncio.StreamReader,
-    w: asyncio.StreamWriter,
-    interval: float,
-    drop_second: bool,
-    close_after_stream: bool = False,
+    r: asyncio.StreamReader, w: asyncio.StreamWriter, interval: float, drop_second: bool
 ) -> None:
     served = 0
     try:
@@ -104,10 +99,7 @@ async def handle(
             served += 1
             if drop_second and served == 2:
                 break
-            request = json.loads(raw)
-            if not await answer(request, w, interval):
-                break
-            if close_after_stream and request.get("stream"):
+            if not await answer(json.loads(raw), w, interval):
                 break
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
@@ -120,14 +112,9 @@ async def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between events")
     parser.add_argument("--drop-second", action="store_true")
-    parser.add_argument(
-        "--close-after-stream",
-        action="store_true",
-        help="close the connection after each streamed answer, as llama-server does",
-    )
     args = parser.parse_args()
     server = await asyncio.start_server(
-        lambda r, w: handle(r, w, args.interval, args.drop_second, args.close_after_stream),
+        lambda r, w: handle(r, w, args.interval, args.drop_second),
         "127.0.0.1",
         args.port,
         backlog=1024,

@@ -34,13 +34,6 @@ import httpx
 _PAUSE_AT = 1 << 20
 """Buffered body bytes at which reading from the runtime pauses (a slow client)."""
 
-_REPLACE_WITHIN = 1.0
-"""A kept-alive connection that the runtime closes this soon (seconds) after an answer
-is replaced by a new one at once. llama-server closes its connection after every
-streamed answer (while it announces ``Keep-Alive: timeout=5``): without the
-replacement, every request of a burst would open its own connection, in turn, on the
-one event loop that reads the burst. Later closes are idle timeouts; not replaced."""
-
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
@@ -69,10 +62,6 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.last_data = 0.0
         self.idle_since = 0.0
-        self.served = 0
-        """Responses read whole on it."""
-        self.dropped = False
-        """Closed from this side (expired, failed, aborted), not by the runtime."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -188,7 +177,6 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _close(self) -> None:
-        self.dropped = True
         self.keep_alive = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -257,8 +245,6 @@ class RelayClient:
     _idle: dict[tuple[str, int], deque[_Connection]] = attrs.field(factory=dict, init=False)
     _addresses: dict[str, tuple[str, int, bytes]] = attrs.field(factory=dict, init=False)
     _open: set[_Connection] = attrs.field(factory=set, init=False)
-    _warming: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
-    _shut: bool = attrs.field(default=False, init=False)
 
     def _address(self, base: str) -> tuple[str, int, bytes]:
         known = self._addresses.get(base)
@@ -326,9 +312,6 @@ class RelayClient:
                 return conn
             conn._close()
             self._open.discard(conn)
-        return await self._connect(host, port)
-
-    async def _connect(self, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -351,54 +334,17 @@ class RelayClient:
         idle = self._idle.get(conn.key)
         if idle is not None and conn in idle:
             idle.remove(conn)
-        if (
-            not conn.dropped
-            and conn.parser is None  # idle, its last answer read whole
-            and conn.served
-            and time.monotonic() - conn.idle_since < _REPLACE_WITHIN
-        ):
-            self._start_replacement(conn.key)
-
-    def _start_replacement(self, key: tuple[str, int]) -> None:
-        if self._shut:
-            return
-        task = asyncio.get_running_loop().create_task(self._replace(key))
-        self._warming.add(task)
-        task.add_done_callback(self._warming.discard)
-
-    async def _replace(self, key: tuple[str, int]) -> None:
-        """Open a connection to ``key`` for the idle pool, in place of one the runtime
-        closed after its answer."""
-        try:
-            conn = await self._connect(*key)
-        except httpx.TransportError:
-            return  # the runtime has gone; a request will say so
-        if self._shut:
-            conn._close()
-            self._open.discard(conn)
-            return
-        conn.idle_since = time.monotonic()
-        self._idle.setdefault(key, deque()).append(conn)
 
     def _release(self, conn: _Connection) -> None:
-        whole = conn.complete and conn.error is None
-        if whole and conn.keep_alive and not conn.closed:
-            conn.served += 1
+        if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
             conn.parser = None
             conn.idle_since = time.monotonic()
             self._idle.setdefault(conn.key, deque()).append(conn)
             return
-        # Closed by the runtime as (or just after) it answered: a new one takes its place.
-        replace = whole and not conn.dropped
         conn._close()
         self._open.discard(conn)
-        if replace:
-            self._start_replacement(conn.key)
 
     async def aclose(self) -> None:
-        self._shut = True
-        for task in list(self._warming):
-            task.cancel()
         for conn in list(self._open):
             conn._close()
         self._open.clear()
