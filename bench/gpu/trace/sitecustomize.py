@@ -9,15 +9,15 @@ would skip atexit), the bench client writes FILE.client at exit. Per request, in
 ``time.perf_counter()`` seconds (CLOCK_MONOTONIC, comparable across processes):
 ``a`` handler start, ``g`` at the burst gate, ``w`` written to the runtime, ``h`` head
 received, ``f`` first body chunk; the client's ``s`` sent, ``h``, ``f``.
-ROCMUX_SCRATCH_NO_REPLACE=1 turns off the relay's connection replacement (the A/B's
-"before"). Read the files with bench/gpu/trace_report.py.
+ROCMUX_SCRATCH_NO_REPLACE=1 turned off the relay's connection replacement for the A/B
+of commit 070315d (reverted since; now a no-op). Read the files with bench/gpu/trace_report.py.
 """
 
 import os
 import sys
 
 _out = os.environ.get("ROCMUX_SCRATCH_TRACE")
-_serve = bool(_out) and "serve" in sys.argv and "rocmux.front" not in " ".join(sys.argv)
+_serve = bool(_out) and "serve" in sys.argv
 _bench = bool(_out) and bool(sys.argv) and sys.argv[0].endswith("proxy.py")
 if _serve or _bench:
     import atexit
