@@ -463,3 +463,29 @@ async def test_model_that_cannot_fit_the_budget_alone_is_refused_at_once(default
     assert "memory budget" in error["message"]
     assert not pool.instances
     assert metric(metrics, "rocmux_model_loads_total") == 0
+
+
+async def test_the_runtimes_are_stopped_even_when_closing_the_api_fails(tiny_model, monkeypatch):
+    """Shutdown closes the API's clients, then the pool; an error in the first must not
+    leave the runtimes running (it once left a llama-server behind)."""
+    from rocmux.config import Config
+    from rocmux.http_api import Api
+    from rocmux.serve import Service
+
+    app, _api, pool = Service([tiny(tiny_model)], Config(), ServerSettings()).build()
+
+    async def broken(self: Api) -> None:
+        raise RuntimeError("closing the clients failed")
+
+    monkeypatch.setattr(Api, "aclose", broken)
+    failed = False
+    try:
+        async with app.starlette.router.lifespan_context(app.starlette):
+            async with pool.use("tiny") as instance:
+                server = instance.model.server  # type: ignore[union-attr]
+                assert server.running
+    except* RuntimeError as group:
+        failed = any("closing the clients failed" in str(e) for e in group.exceptions)
+    assert failed
+    assert pool._closed
+    assert not server.running
