@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rocmux import http_api
 from rocmux.config import Config, Limits, ServerSettings
-from rocmux.http_api import Api, Metrics, authorized
+from rocmux.http_api import Api, Metrics
 from rocmux.manager import PluginManager
 from rocmux.pool import ModelPool
 from rocmux.supervisor import free_port
@@ -178,14 +178,14 @@ def _request(authorization: str | None) -> Request:
 def test_api_keys_are_compared_in_constant_time(monkeypatch, tiny_model):
     """Every configured key is compared, with ``hmac.compare_digest``, whatever the
     token: no ``==`` on secrets, no early exit that timing could reveal."""
-    source = textwrap.dedent(inspect.getsource(authorized))
+    source = textwrap.dedent(inspect.getsource(Api._authorized))
     tree = ast.parse(source)
     compares = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)]
     names = {n.id for c in compares for n in ast.walk(c) if isinstance(n, ast.Name)}
     assert not names & {"token", "key"}, f"a secret compared with an operator in {source}"
     assert "hmac.compare_digest" in source
     (loop,) = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
-    assert ast.unparse(loop.iter) == "api_keys"
+    assert ast.unparse(loop.iter) == "self.settings.api_keys"
     assert not any(isinstance(n, ast.Break | ast.Return) for n in ast.walk(loop))
 
     calls: list[tuple[bytes, bytes]] = []

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import attrs
@@ -130,65 +130,6 @@ class Metrics:
                 value = usage.get(kind)
                 if isinstance(value, int) and value >= 0:
                     self.tokens.labels(model, kind.removesuffix("_tokens")).inc(value)
-
-
-def authorized(api_keys: tuple[str, ...], request: Request) -> bool:
-    """Whether ``request`` carries one of ``api_keys`` as a Bearer token (or none are set)."""
-    if not api_keys:
-        return True
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    # Every key is compared, in constant time, so timing says nothing about them.
-    matched = False
-    for key in api_keys:
-        matched |= hmac.compare_digest(token.encode(), key.encode())
-    return matched
-
-
-def unauthorized() -> JSONResponse:
-    return error_response(
-        401,
-        "missing or wrong API key: send 'Authorization: Bearer <key>'",
-        "authentication_error",
-        code="invalid_api_key",
-        headers={"www-authenticate": "Bearer"},
-    )
-
-
-async def read_json_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
-    """The request's body, raw and parsed; BadRequest when over ``limit`` bytes or not
-    a JSON object."""
-    # Straight from the ASGI messages: starlette's Headers and body stream cost a few
-    # microseconds a request, which every later request of a burst waits for.
-    for name, value in request.scope["headers"]:
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit:
-                raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
-            break
-    chunks: list[bytes] = []
-    size = 0
-    receive = request.receive
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return raw, body
 
 
 class _Stream(StreamingResponse):
@@ -475,218 +416,6 @@ class _LoadingStream(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-class Runtime(Protocol):
-    """The runtime one relayed request goes to, and the place its figures are recorded.
-
-    An instance of the pool (:class:`_InstanceRuntime`); the proxy itself knows
-    nothing of pools, restarts or metrics.
-    """
-
-    name: str
-    """The model's name, for metrics."""
-
-    async def url(self) -> str:
-        """Its base URL, once it runs (one that crashed is restarted first)."""
-        ...
-
-    def running(self) -> bool:
-        """Whether its process is alive (a lost request may then be sent again)."""
-        ...
-
-    async def stalled(self) -> str:
-        """Why a request saw no byte for the stall timeout (a hung runtime is killed)."""
-        ...
-
-    async def explain(self, exc: BaseException) -> str:
-        """Why the connection to it was lost."""
-        ...
-
-    def first_byte(self, seconds: float) -> None:
-        """The first byte of the answer came ``seconds`` after the request arrived."""
-        ...
-
-    def usage(self, usage: object) -> None:
-        """The answer's ``usage`` object (tokens), once it is complete."""
-        ...
-
-
-@attrs.define(eq=False)
-class _InstanceRuntime:
-    """A pool instance in this process, as a :class:`Runtime`."""
-
-    api: Api
-    instance: Instance
-    name: str
-
-    async def url(self) -> str:
-        await self.instance.model.ensure_running()  # type: ignore[union-attr]
-        return self.instance.model.url  # type: ignore[union-attr,no-any-return]
-
-    def running(self) -> bool:
-        server = getattr(self.instance.model, "server", None)
-        return server is not None and bool(server.running)
-
-    async def stalled(self) -> str:
-        return await self.api._stalled(self.instance)
-
-    async def explain(self, exc: BaseException) -> str:
-        return await self.api._explain(self.instance, exc)
-
-    def first_byte(self, seconds: float) -> None:
-        self.api.metrics.ttft.labels(self.name).observe(seconds)
-
-    def usage(self, usage: object) -> None:
-        self.api.metrics.record_usage(self.name, usage)
-
-
-@attrs.define(eq=False)
-class Proxy:
-    """Relays one request to a :class:`Runtime` over HTTP and its answer back."""
-
-    relay: RelayClient
-    stall_timeout: float
-    """Each read (the first byte, every later chunk) must come within it."""
-    hold: Callable[[Callable[[], None]], Awaitable[None]] | None
-    """Given a request's write, does it when the burst it came with has been read
-    (:meth:`rocmux.burst.BurstGate.passage`); None: at once."""
-    cut_code: Callable[[], str]
-    """The error code of a stream cut short by the runtime."""
-    _https: httpx.AsyncClient | None = attrs.field(default=None, init=False)
-
-    async def forward(
-        self,
-        runtime: Runtime,
-        path: str,
-        raw: bytes,
-        stream: bool,
-        arrived: float,
-        release: Callable[[], Awaitable[None]],
-    ) -> Response:
-        """The runtime's answer to ``raw``; ``release`` is awaited once it is complete
-        (for a stream, in the response's cleanup)."""
-        try:
-            upstream = await self.send(runtime, path, raw, self.stall_timeout)
-        except httpx.ReadTimeout:
-            await release()
-            message = await runtime.stalled()
-            return error_response(504, message, "server_error", code="runtime_timeout")
-        except (httpx.TransportError, RocmuxError) as exc:
-            await release()
-            return error_response(502, await runtime.explain(exc), "server_error")
-        if not stream or upstream.status_code != 200:
-            try:
-                content = await upstream.aread()
-            except httpx.ReadTimeout:
-                message = await runtime.stalled()
-                return error_response(504, message, "server_error", code="runtime_timeout")
-            except httpx.TransportError as exc:
-                return error_response(502, await runtime.explain(exc), "server_error")
-            finally:
-                await upstream.aclose()
-                await release()
-            if upstream.status_code >= 400:
-                return _upstream_error(upstream.status_code, content)
-            if upstream.status_code == 200:
-                try:
-                    runtime.usage(json.loads(content).get("usage"))
-                except (ValueError, AttributeError):
-                    pass
-            return Response(
-                content,
-                status_code=upstream.status_code,
-                media_type=upstream.headers.get("content-type", "application/json"),
-            )
-
-        gone = False
-
-        def client_gone() -> None:
-            nonlocal gone
-            gone = True
-            upstream.abort()  # type: ignore[union-attr]
-
-        async def body() -> AsyncIterator[bytes]:
-            first = True
-            tail = b""
-            try:
-                async for chunk in upstream.aiter_raw():
-                    if first:
-                        first = False
-                        runtime.first_byte(time.perf_counter() - arrived)
-                    tail = (tail + chunk)[-4096:]
-                    yield chunk
-            except httpx.ReadTimeout:
-                if not gone:
-                    yield _sse_error(await runtime.stalled(), "runtime_timeout")
-                return
-            except httpx.TransportError as exc:
-                if not gone:
-                    yield _sse_error(await runtime.explain(exc), self.cut_code())
-                return
-            sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
-            if sse and b"data: [DONE]" not in tail:
-                # The runtime closed the stream cleanly but early (it was stopped).
-                lost = httpx.RemoteProtocolError("the stream ended without [DONE]")
-                yield _sse_error(await runtime.explain(lost), self.cut_code())
-                return
-            runtime.usage(_usage_from_tail(tail))
-
-        async def cleanup() -> None:
-            # Closing the upstream response drops the connection: the runtime stops
-            # generating for a client that went away.
-            await upstream.aclose()
-            await release()
-
-        relayed = isinstance(upstream, RelayResponse)
-        return _Stream(body(), cleanup, client_gone if relayed else None)
-
-    async def send(
-        self, runtime: Runtime, path: str, raw: bytes, read_timeout: float | None
-    ) -> RelayResponse | httpx.Response:
-        """POST to the runtime; the response head is read, the body left to stream."""
-        for attempt in range(2):
-            url = await runtime.url()
-            # A retry goes at once: the burst it came with has gone already.
-            hold = self.hold if attempt == 0 else None
-            try:
-                if url.startswith("http://"):
-                    return await self.relay.post(
-                        url, path, raw, read_timeout, fresh=attempt > 0, hold=hold
-                    )
-                if hold is not None:
-                    await hold(lambda: None)
-                http = self._tls_client()
-                request = http.build_request(
-                    "POST",
-                    url + path,
-                    content=raw,
-                    headers={"content-type": "application/json"},
-                    timeout=httpx.Timeout(None, connect=10.0, read=read_timeout),
-                )
-                return await http.send(request, stream=True)
-            except httpx.RemoteProtocolError:
-                # "Server disconnected without sending a response": a pooled connection
-                # that llama-server closed as it was reused (about 1 request in 1000,
-                # after a stream). The request never reached it: send it once more, on a
-                # new connection (the next pooled one may be as stale), if the runtime is
-                # still running (else it crashed, which is reported).
-                if attempt or not runtime.running():
-                    raise
-        raise AssertionError("unreachable")
-
-    def _tls_client(self) -> httpx.AsyncClient:
-        """A client that verifies certificates, for a runtime behind an https URL."""
-        if self._https is None:
-            self._https = httpx.AsyncClient(
-                trust_env=False, timeout=httpx.Timeout(None, connect=10.0)
-            )
-        return self._https
-
-    async def aclose(self) -> None:
-        await self.relay.aclose()
-        if self._https is not None:
-            await self._https.aclose()
-
-
 @attrs.define(eq=False)
 class Api:
     """Request handlers over a pool."""
@@ -704,29 +433,65 @@ class Api:
         init=False,
     )
     """Holds forwards to runtimes until a burst of requests has been read."""
-    proxy: Proxy = attrs.field(
-        default=attrs.Factory(
-            lambda self: Proxy(
-                self.relay, self.pool.limits.stall_timeout, self.gate.passage, self._cut_code
-            ),
-            takes_self=True,
-        ),
-        init=False,
-    )
-    """Relays requests to runtimes on HTTP URLs."""
+    _https: httpx.AsyncClient | None = attrs.field(default=None, init=False)
     shutting_down: bool = attrs.field(default=False, init=False)
     """Set when the drain deadline of a graceful shutdown has passed."""
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _authorized(self, request: Request) -> bool:
-        return authorized(self.settings.api_keys, request)
+        if not self.settings.api_keys:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        # Every key is compared, in constant time, so timing says nothing about them.
+        matched = False
+        for key in self.settings.api_keys:
+            matched |= hmac.compare_digest(token.encode(), key.encode())
+        return matched
 
     def _unauthorized(self) -> JSONResponse:
-        return unauthorized()
+        return error_response(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            "authentication_error",
+            code="invalid_api_key",
+            headers={"www-authenticate": "Bearer"},
+        )
 
     async def _json_body(self, request: Request) -> tuple[bytes, dict[str, Any]]:
-        return await read_json_body(request, self.settings.max_body_bytes)
+        # Straight from the ASGI messages: starlette's Headers and body stream cost a few
+        # microseconds a request, which every later request of a burst waits for.
+        limit = self.settings.max_body_bytes
+        for name, value in request.scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > limit:
+                    raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
+                break
+        chunks: list[bytes] = []
+        size = 0
+        receive = request.receive
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"request body over the limit of {limit} bytes", status=413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        return raw, body
 
     # -- endpoints --------------------------------------------------------------------------
 
@@ -820,9 +585,8 @@ class Api:
 
         try:
             if hasattr(instance.model, "url") and hasattr(instance.model, "ensure_running"):
-                runtime = _InstanceRuntime(self, instance, instance.entry.name)
-                return await self.proxy.forward(
-                    runtime, call.path, call.raw, call.stream, call.arrived, release
+                return await self._proxy(
+                    instance, call.path, call.raw, call.stream, call.arrived, release
                 )
             if call.kind == "embedding":
                 await release()
@@ -838,6 +602,138 @@ class Api:
     def _count(self, model: str, kind: str, response: Response) -> Response:
         self.metrics.requests.labels(model, kind, str(response.status_code)).inc()
         return response
+
+    # -- proxy to an HTTP runtime ------------------------------------------------------------
+
+    async def _proxy(
+        self,
+        instance: Instance,
+        path: str,
+        raw: bytes,
+        stream: bool,
+        arrived: float,
+        release: Callable[[], Awaitable[None]],
+    ) -> Response:
+        model = instance.entry.name
+        try:
+            # Each read (the first byte, every later chunk) must come within stall_timeout.
+            upstream = await self._send(instance, path, raw, self.pool.limits.stall_timeout)
+        except httpx.ReadTimeout:
+            await release()
+            message = await self._stalled(instance)
+            return error_response(504, message, "server_error", code="runtime_timeout")
+        except (httpx.TransportError, RocmuxError) as exc:
+            await release()
+            return error_response(502, await self._explain(instance, exc), "server_error")
+        if not stream or upstream.status_code != 200:
+            try:
+                content = await upstream.aread()
+            except httpx.ReadTimeout:
+                message = await self._stalled(instance)
+                return error_response(504, message, "server_error", code="runtime_timeout")
+            except httpx.TransportError as exc:
+                return error_response(502, await self._explain(instance, exc), "server_error")
+            finally:
+                await upstream.aclose()
+                await release()
+            if upstream.status_code >= 400:
+                return _upstream_error(upstream.status_code, content)
+            if upstream.status_code == 200:
+                try:
+                    self.metrics.record_usage(model, json.loads(content).get("usage"))
+                except (ValueError, AttributeError):
+                    pass
+            return Response(
+                content,
+                status_code=upstream.status_code,
+                media_type=upstream.headers.get("content-type", "application/json"),
+            )
+
+        gone = False
+
+        def client_gone() -> None:
+            nonlocal gone
+            gone = True
+            upstream.abort()  # type: ignore[union-attr]
+
+        async def body() -> AsyncIterator[bytes]:
+            first = True
+            tail = b""
+            try:
+                async for chunk in upstream.aiter_raw():
+                    if first:
+                        first = False
+                        self.metrics.ttft.labels(model).observe(time.perf_counter() - arrived)
+                    tail = (tail + chunk)[-4096:]
+                    yield chunk
+            except httpx.ReadTimeout:
+                if not gone:
+                    yield _sse_error(await self._stalled(instance), "runtime_timeout")
+                return
+            except httpx.TransportError as exc:
+                if not gone:
+                    yield _sse_error(await self._explain(instance, exc), self._cut_code())
+                return
+            sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+            if sse and b"data: [DONE]" not in tail:
+                # The runtime closed the stream cleanly but early (it was stopped).
+                lost = httpx.RemoteProtocolError("the stream ended without [DONE]")
+                yield _sse_error(await self._explain(instance, lost), self._cut_code())
+                return
+            self.metrics.record_usage(model, _usage_from_tail(tail))
+
+        async def cleanup() -> None:
+            # Closing the upstream response drops the connection: the runtime stops
+            # generating for a client that went away.
+            await upstream.aclose()
+            await release()
+
+        relayed = isinstance(upstream, RelayResponse)
+        return _Stream(body(), cleanup, client_gone if relayed else None)
+
+    async def _send(
+        self, instance: Instance, path: str, raw: bytes, read_timeout: float | None
+    ) -> RelayResponse | httpx.Response:
+        """POST to the runtime; the response head is read, the body left to stream."""
+        for attempt in range(2):
+            await instance.model.ensure_running()  # type: ignore[union-attr]
+            url: str = instance.model.url  # type: ignore[union-attr]
+            # A retry goes at once: the burst it came with has gone already.
+            hold = self.gate.passage if attempt == 0 else None
+            try:
+                if url.startswith("http://"):
+                    return await self.relay.post(
+                        url, path, raw, read_timeout, fresh=attempt > 0, hold=hold
+                    )
+                if hold is not None:
+                    await hold(None)
+                http = self._tls_client()
+                request = http.build_request(
+                    "POST",
+                    url + path,
+                    content=raw,
+                    headers={"content-type": "application/json"},
+                    timeout=httpx.Timeout(None, connect=10.0, read=read_timeout),
+                )
+                return await http.send(request, stream=True)
+            except httpx.RemoteProtocolError:
+                # "Server disconnected without sending a response": a pooled connection
+                # that llama-server closed as it was reused (about 1 request in 1000,
+                # after a stream). The request never reached it: send it once more, on a
+                # new connection (the next pooled one may be as stale), if the runtime is
+                # still running (else it crashed, which is reported).
+                server = getattr(instance.model, "server", None)
+                if attempt or server is None or not server.running:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _tls_client(self) -> httpx.AsyncClient:
+        """A client that verifies certificates, for a runtime behind an https URL."""
+        if self._https is None:
+            self._https = httpx.AsyncClient(
+                trust_env=False, timeout=httpx.Timeout(None, connect=10.0)
+            )
+        return self._https
 
     def _cut_code(self) -> str:
         return "server_shutdown" if self.shutting_down else "runtime_failed"
@@ -1008,7 +904,9 @@ class Api:
         return _Stream(body_iter(), cleanup)
 
     async def aclose(self) -> None:
-        await self.proxy.aclose()
+        await self.relay.aclose()
+        if self._https is not None:
+            await self._https.aclose()
 
 
 def _validate(body: dict[str, Any], kind: str) -> str:
