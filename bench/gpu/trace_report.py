@@ -37,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = [r for r in json.loads(args.trace.read_text()) if "f" in r and "w" in r]
     client = json.loads(Path(str(args.trace) + ".client").read_text())
     med = statistics.median
-    for base in sorted({b[0]["base"] for b in bursts(client, args.level)}):
-        group = [b for b in bursts(client, args.level) if b[0]["base"] == base]
+    every = bursts(client, args.level)
+    for base in sorted({b[0]["base"] for b in every}):
+        group = [b for b in every if b[0]["base"] == base]
         ttft = med(med((c["f"] - c["s"]) * 1e3 for c in b) for b in group)
         spread = med((b[-1]["s"] - b[0]["s"]) * 1e3 for b in group)
         ranks = []

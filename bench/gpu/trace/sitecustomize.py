@@ -1,6 +1,6 @@
 """Per-request timestamps inside ``rocmux serve`` and the bench/proxy.py client, to see
-where the time to first token of a burst goes (docs/benchmarks.md, "Where a 32-stream
-burst's time goes"). Not part of rocmux: it monkeypatches it from outside.
+where the time to first token of a burst goes (docs/benchmarks.md, "The H100 again").
+Not part of rocmux: it monkeypatches it from outside.
 
 Put this folder on PYTHONPATH and name a file in ROCMUX_SCRATCH_TRACE; every process
 started with that environment loads it (Python imports ``sitecustomize`` at start-up).
@@ -8,9 +8,9 @@ started with that environment loads it (Python imports ``sitecustomize`` at star
 would skip atexit), the bench client writes FILE.client at exit. Per request, in
 ``time.perf_counter()`` seconds (CLOCK_MONOTONIC, comparable across processes):
 ``a`` handler start, ``g`` at the burst gate, ``w`` written to the runtime, ``h`` head
-received, ``f`` first body chunk; the client's ``s`` sent, ``h``, ``f``.
-ROCMUX_SCRATCH_NO_REPLACE=1 turned off the relay's connection replacement for the A/B
-of commit 070315d (reverted since; now a no-op). Read the files with bench/gpu/trace_report.py.
+received, ``f`` first body chunk, ``new`` whether a connection was opened for it; the
+client's ``s`` sent, ``h``, ``f``. Read the files with bench/gpu/trace_report.py. (The
+A/B of commit 070315d also set ROCMUX_SCRATCH_NO_REPLACE, for a relay hook that is gone.)
 """
 
 import os
@@ -111,9 +111,3 @@ if _serve or _bench:
             return await _orig_dd(server, *a, **k)
 
         _serve_mod._drain_deadline = _dd
-
-if os.environ.get("ROCMUX_SCRATCH_NO_REPLACE"):
-    # The A/B's "before": the relay as it was before it replaced closed connections.
-    from rocmux import relay as _relay
-
-    _relay.RelayClient._start_replacement = lambda self, key: None
