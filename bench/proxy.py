@@ -48,6 +48,7 @@ import anyio.lowlevel
 import attrs
 import httpx
 import numpy as np
+from rocmux.config import ServerSettings
 from rocmux.default_model import default_model_path
 from rocmux.relay import RelayClient
 from rocmux.supervisor import free_port
@@ -75,7 +76,8 @@ LLAMA_SWAP_FIRST_CHECK_MS = 250.0
 LLAMA_SWAP_LOOP_MS = 5000.0
 
 LITELLM_PIN = "litellm[proxy]==1.80.17"
-PATHS = ("direct", "rocmux", "litellm")
+PATHS = ("direct", "rocmux", "litellm", "asgi", "tcp")
+FLOORS = ("asgi", "tcp")  # bench/passthrough.py: the bare stacks under rocmux serve
 LEVELS = (1, 8, 32)
 DEFAULT_ROUNDS = (100, 20, 10)
 TOKENS = 64
@@ -460,6 +462,7 @@ async def proxy_part(
     workdir: Path,
     launcher: Sequence[str] = ROCMUX,
     burst_window: float | None = None,
+    floors: bool = False,
 ) -> tuple[list[Round], dict[str, Any]]:
     env = base_env(workdir)
     port = free_port()
@@ -472,6 +475,7 @@ async def proxy_part(
         env["ROCMUX_CONFIG"] = str(config)
     serve = start("rocmux-serve", argv, env, workdir)
     litellm: Proc | None = None
+    passthroughs: dict[str, Proc] = {}
     runtime_pid: int | None = None
     admin_client: httpx.AsyncClient | None = None
     streamers: list[RelayClient] = []
@@ -511,11 +515,25 @@ async def proxy_part(
             print(f"LiteLLM {info['litellm']['version']} at {info['litellm']['url']}")
         else:
             print(f"LiteLLM skipped: {info['litellm']['skipped']}", file=sys.stderr)
+        if floors:
+            window = ServerSettings().burst_window if burst_window is None else burst_window
+            for kind in FLOORS:
+                fport = free_port()
+                fargv = [sys.executable, str(ROOT / "bench" / "passthrough.py"), kind]
+                fargv += ["--port", str(fport), "--upstream", upstream]
+                if kind == "asgi":
+                    fargv += ["--burst-window", str(window)]
+                passthroughs[kind] = start(kind, fargv, env, workdir)
+                fbase = f"http://127.0.0.1:{fport}"
+                await wait_http(passthroughs[kind], fbase + "/health", 30)
+                targets[kind] = Target(fbase + "/v1/completions", "smol", client())
+            info["floors"] = {k: [str(a) for a in v.popen.args] for k, v in passthroughs.items()}
         paths = [p for p in PATHS if p in targets]
         pids = {
             "llama-server": runtime_pid,
             "rocmux": serve.pid,
             "litellm": None if litellm is None else litellm.pid,
+            **{k: v.pid for k, v in passthroughs.items()},
         }
 
         runs: list[Round] = []
@@ -552,6 +570,8 @@ async def proxy_part(
                 await r.aclose()
         if litellm is not None:
             litellm.stop()
+        for proc in passthroughs.values():
+            proc.stop()
         serve.stop()
         if runtime_pid is not None:
             await wait_gone(runtime_pid, "llama-server")
@@ -1305,6 +1325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rocmux serve's [server] burst_window, seconds (default: its default)",
     )
     parser.add_argument(
+        "--floors",
+        action="store_true",
+        help="also run bench/passthrough.py's bare tcp and asgi proxies as paths",
+    )
+    parser.add_argument(
         "--only",
         choices=("proxy", "swaps"),
         help="run one part; the other part's results are kept from --json",
@@ -1359,6 +1384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.litellm,
                     workdir,
                     burst_window=args.burst_window,
+                    floors=args.floors,
                 )
             )
             meta |= {

@@ -65,8 +65,9 @@ fi
 if [[ $PARTS == *proxy* ]]; then
     # No LiteLLM here (no network to install it): direct and rocmux only.
     # BURST_WINDOWS="0 default": one run per rocmux serve burst_window, back to back.
+    # FLOORS=1: bench/passthrough.py's bare tcp and asgi proxies run as paths too.
     for window in ${BURST_WINDOWS:-default}; do
-        suffix=; flag=(${ONLY:+--only "$ONLY"})
+        suffix=; flag=(${ONLY:+--only "$ONLY"} ${FLOORS:+--floors})
         if [ "$window" != default ]; then suffix=-w$window; flag+=(--burst-window "$window"); fi
         timeout 400 python3 bench/proxy.py --model "$models"/SmolLM2-135M-Instruct.Q4_1.random.gguf \
             --rounds "${ROUNDS:-60,15,8}" --swaps "${SWAPS:-16}" --litellm /nonexistent \
