@@ -43,6 +43,12 @@ def upstream() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def trickling_upstream() -> Iterator[str]:
+    """One event every 0.1 s."""
+    yield from _start("--interval", "0.1")
+
+
+@pytest.fixture(scope="module")
 def dropping_upstream() -> Iterator[str]:
     """Drops the second request on every kept-alive connection, unanswered."""
     yield from _start("--drop-second")
@@ -120,6 +126,31 @@ async def test_silence_past_the_stall_timeout_is_a_read_timeout(upstream, client
         await response.aread()
     await response.aclose()
     assert time.monotonic() - started < 3
+
+
+async def test_a_stream_longer_than_the_stall_timeout_but_never_silent_that_long_is_whole(
+    trickling_upstream, client
+):
+    # One stall timer serves the whole response: it must re-arm, not fire, while events
+    # keep coming more often than the timeout (12 events over ~1.2 s, timeout 0.25 s).
+    response = await client.post(trickling_upstream, "/v1/completions", body(max_tokens=12), 0.25)
+    data = events(await response.aread())
+    await response.aclose()
+    assert len(data) == 13 and data[-1] == "[DONE]"
+
+
+async def test_a_stall_after_a_trickle_is_a_read_timeout_at_the_timeout(trickling_upstream, client):
+    # Events every 0.1 s, then silence: the timeout counts from the last event.
+    response = await client.post(trickling_upstream, "/v1/completions", body(max_tokens=1000), 0.25)
+    seen = 0
+    with pytest.raises(httpx.ReadTimeout, match="nothing for 0.25 s"):
+        async for raw in response.aiter_raw():
+            seen += raw.count(b"data: ")
+            if seen >= 5:
+                response._conn.transport.pause_reading()  # the runtime goes silent
+                paused = time.monotonic()
+    assert 0.2 < time.monotonic() - paused < 1.0
+    await response.aclose()
 
 
 async def test_a_cut_stream_is_a_protocol_error(upstream, client):

@@ -70,7 +70,7 @@ if [[ $PARTS == *proxy* ]]; then
         suffix=; flag=(${ONLY:+--only "$ONLY"} ${FLOORS:+--floors})
         if [ "$window" != default ]; then suffix=-w$window; flag+=(--burst-window "$window"); fi
         timeout 400 python3 bench/proxy.py --model "$models"/SmolLM2-135M-Instruct.Q4_1.random.gguf \
-            --rounds "${ROUNDS:-60,15,8}" --swaps "${SWAPS:-16}" --litellm /nonexistent \
+            --levels "${LEVELS:-1,8,32}" --rounds "${ROUNDS:-60,15,8}" --swaps "${SWAPS:-16}" --litellm /nonexistent \
             "${flag[@]}" --json "$OUT/proxy-gpu$suffix.json" --plot "$OUT/proxy-gpu$suffix.png" \
             --no-docs 2>&1 | grep -v '^swap [0-9]' | tail -30 | tee "$OUT/proxy-gpu$suffix.txt"
     done

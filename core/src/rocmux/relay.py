@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        self.stall_timer: asyncio.TimerHandle | None = None
         self.last_data = 0.0
         self.idle_since = 0.0
 
@@ -118,6 +119,7 @@ class _Connection(asyncio.Protocol):
 
     def begin(self, request: bytes) -> None:
         assert self.transport is not None
+        self._disarm()
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.headers, self.head_done, self.complete = 0, [], False, False
         self.chunks, self.buffered, self.error = [], 0, None
@@ -143,27 +145,32 @@ class _Connection(asyncio.Protocol):
         """Until something arrives (head, body, end, error); ReadTimeout after
         ``stall`` seconds without a byte."""
         waiter = self.waiter = self.loop.create_future()
-        timer = None
-        if stall is not None:
-            timer = self.loop.call_at(self.last_data + stall, self._check_stall, stall)
+        if stall is not None and self.stall_timer is None:
+            # One timer for the whole response, re-armed when it fires early, not one
+            # per wait: a stream waits once per chunk, and a timer costs ~1.5 µs.
+            self.stall_timer = self.loop.call_at(self.last_data + stall, self._check_stall, stall)
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
 
     def _check_stall(self, timeout: float) -> None:
+        self.stall_timer = None
         waiter = self.waiter
         if waiter is None or waiter.done():
-            return
+            return  # nobody waits: the next wait() arms the timer again
         quiet = self.loop.time() - self.last_data
         if quiet >= timeout:
             self._fail(httpx.ReadTimeout(f"the runtime sent nothing for {timeout:g} s"))
         else:
-            # A byte came in meanwhile without waking the reader (a partial chunk).
-            self.waiter = waiter
-            self.loop.call_at(self.last_data + timeout, self._check_stall, timeout)
+            self.stall_timer = self.loop.call_at(
+                self.last_data + timeout, self._check_stall, timeout
+            )
+
+    def _disarm(self) -> None:
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -177,6 +184,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _close(self) -> None:
+        self._disarm()
         self.keep_alive = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -336,6 +344,7 @@ class RelayClient:
             idle.remove(conn)
 
     def _release(self, conn: _Connection) -> None:
+        conn._disarm()
         if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
             conn.parser = None
             conn.idle_since = time.monotonic()
