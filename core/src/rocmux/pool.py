@@ -14,8 +14,7 @@ import functools
 import hashlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -192,6 +191,37 @@ class _Shortfall:
     why: str
 
 
+class Use:
+    """``ModelPool.use(name)``: holds one instance for one request.
+
+    A class, not an ``asynccontextmanager``: a request for a loaded model (nearly all
+    of them) enters without a generator, an await or a clock read of anyio's, and every
+    microsecond of that is waited for by the later requests of a burst.
+    """
+
+    __slots__ = ("_instance", "_name", "_on_wait", "_pool")
+
+    def __init__(self, pool: ModelPool, name: str, on_wait: Callable[[], None] | None) -> None:
+        self._pool = pool
+        self._name = name
+        self._on_wait = on_wait
+        self._instance: Instance | None = None
+
+    async def __aenter__(self) -> Instance:
+        pool = self._pool
+        entry = pool.entry(self._name)
+        instance = pool._take_ready(entry)
+        if instance is None:
+            instance = await pool._acquire(entry, self._on_wait or (lambda: None))
+        self._instance = instance
+        return instance
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            self._pool._count_out(instance)
+
+
 @attrs.define(eq=False)
 class ModelPool:
     """Instances by key, with the names that reach them.
@@ -250,24 +280,41 @@ class ModelPool:
 
     # -- use ----------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def use(
-        self, name: str, on_wait: Callable[[], None] | None = None
-    ) -> AsyncIterator[Instance]:
-        """Hold an instance of model ``name`` for one request, loading it if needed.
+    def use(self, name: str, on_wait: Callable[[], None] | None = None) -> Use:
+        """Hold an instance of model ``name`` for one request, loading it if needed
+        (``async with pool.use(name) as instance``).
 
         ``on_wait`` is called (perhaps more than once) when the request starts to wait:
         for a load, for memory, for a busy pool.
         """
-        entry = self.entry(name)
-        instance = await self._acquire(entry, on_wait or (lambda: None))
-        try:
-            yield instance
-        finally:
-            instance.in_flight -= 1
-            instance.last_used = time.monotonic()
-            if instance.in_flight == 0:
-                self._notify()
+        return Use(self, name, on_wait)
+
+    def _take_ready(self, entry: ModelEntry) -> Instance | None:
+        """``entry``'s instance, counted in, if it is loaded: no await, nothing to wait
+        for. None when the request must go the long way (:meth:`_acquire`)."""
+        key = self._keys.get(entry.name)
+        instance = self.instances.get(key) if key is not None else None
+        if instance is None or instance.state != "ready":
+            return None
+        self._count_in(instance, entry)
+        return instance
+
+    def _count_in(self, instance: Instance, entry: ModelEntry) -> None:
+        if instance.in_flight >= instance.slots + self.limits.queue_length:
+            raise PoolBusy(
+                f"model {entry.name!r} has {instance.in_flight} requests in flight "
+                f"and queued (limit {instance.slots + self.limits.queue_length})",
+                retry_after=1.0,
+            )
+        instance.in_flight += 1
+        instance.requests += 1
+        instance.last_used = time.monotonic()
+
+    def _count_out(self, instance: Instance) -> None:
+        instance.in_flight -= 1
+        instance.last_used = time.monotonic()
+        if instance.in_flight == 0:
+            self._notify()
 
     def _notify(self) -> None:
         """Wake the requests waiting for room: an instance went idle, loaded or left."""
@@ -289,15 +336,7 @@ class ModelPool:
                 on_wait()
                 await self._wait_for_load(instance, deadline)
             if instance.state == "ready":
-                if instance.in_flight >= instance.slots + self.limits.queue_length:
-                    raise PoolBusy(
-                        f"model {entry.name!r} has {instance.in_flight} requests in flight "
-                        f"and queued (limit {instance.slots + self.limits.queue_length})",
-                        retry_after=1.0,
-                    )
-                instance.in_flight += 1
-                instance.requests += 1
-                instance.last_used = time.monotonic()
+                self._count_in(instance, entry)
                 return instance
             if instance.state == "failed":
                 raise RocmuxError(f"model {entry.name!r} failed to load: {instance.error}")
