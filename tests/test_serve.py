@@ -489,3 +489,16 @@ async def test_the_runtimes_are_stopped_even_when_closing_the_api_fails(tiny_mod
     assert failed
     assert pool._closed
     assert not server.running
+
+
+def test_serving_keeps_start_up_objects_out_of_gc_and_collects_young_objects_late():
+    # Process-wide settings: checked in a child, not in the test process.
+    code = (
+        "import gc; from rocmux.serve import keep_gc_out_of_bursts, GC_YOUNG_THRESHOLD\n"
+        "before = gc.get_threshold()\n"
+        "keep_gc_out_of_bursts()\n"
+        "print(gc.get_freeze_count() > 1000, gc.get_threshold()[0] == GC_YOUNG_THRESHOLD,"
+        " gc.get_threshold()[1:] == before[1:], GC_YOUNG_THRESHOLD > before[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True"] * 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import sys
@@ -38,6 +39,25 @@ def model_entries(config: Config, paths: Sequence[Path] = ()) -> tuple[ModelEntr
 
     path = config.model or default_model_path()
     return (ModelEntry(name=path.stem, path=path, aliases=("default",), load=config.load),)
+
+
+GC_YOUNG_THRESHOLD = 50_000
+"""Young objects the cyclic GC lets accumulate before it collects (Python's default:
+700). Each streamed request holds a few hundred objects alive, so at the default a
+burst of 32 set off several collections while it was being read, ~0.7 ms of a 2-core
+box's time per burst (more on the H100's host), which every request of the burst
+waited for. Objects freed by reference counting never reach the threshold; what it
+delays is the collection of reference cycles, a few objects per request."""
+
+
+def keep_gc_out_of_bursts() -> None:
+    """Tune the cyclic GC for serving: what exists at start-up (imports, the app) is
+    left out of collections (``gc.freeze``: a full collection of it took 12-16 ms), and
+    the young generation collects at :data:`GC_YOUNG_THRESHOLD` objects."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def is_loopback(host: str) -> bool:
@@ -141,6 +161,7 @@ async def serve(
         flush=True,
     )
     server = uvicorn.Server(uvicorn_config(app, settings))
+    keep_gc_out_of_bursts()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_drain_deadline, server, api, settings.shutdown_timeout)
         await server.serve()
