@@ -34,7 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("trace", type=Path, help="the server's file; FILE.client beside it")
     parser.add_argument("--level", type=int, default=32, help="streams per burst")
     args = parser.parse_args(argv)
-    server = [r for r in json.loads(args.trace.read_text()) if "f" in r and "w" in r]
+    records = [{**r, "src": "rocmux serve"} for r in json.loads(args.trace.read_text())]
+    floor = Path(str(args.trace) + ".asgi")  # bench/passthrough.py asgi, when it ran
+    if floor.exists():
+        records += [{**r, "src": "asgi floor"} for r in json.loads(floor.read_text())]
+    server = [r for r in records if "f" in r and "w" in r]
+    collections = [c for r in records for c in r.get("gc", ()) if c[2] is not None]
     client = json.loads(Path(str(args.trace) + ".client").read_text())
     med = statistics.median
     every = bursts(client, args.level)
@@ -49,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mine.sort(key=lambda r: r["a"])
             if len(mine) == args.level:
                 ranks.append((b, mine))
-        kind = "rocmux" if ranks else "direct"
+        kind = ranks[0][1][0]["src"] if ranks else "untraced"
         print(
             f"{base} ({kind}): {len(group)} bursts, median TTFT {ttft:.2f} ms, "
             f"send spread {spread:.2f} ms"
@@ -59,8 +64,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu = [(m[-1]["cpu"] - m[0]["cpu"]) * 1e3 for _, m in ranks if "cpu" in m[0]]
         wall = [(m[-1]["a"] - m[0]["a"]) * 1e3 for _, m in ranks]
         line = f"  read: first to last handler start {med(wall):.2f} ms"
+
+        def collected(m: list[dict]) -> tuple[int, float]:
+            inside = [c for c in collections if m[0]["a"] <= c[1] <= m[-1]["a"]]
+            return len(inside), sum(c[2] - c[1] for c in inside) * 1e3
+
+        if collections:
+            gcs = [collected(m) for _, m in ranks]
+            line += (
+                f", GC in it: {med(n for n, _ in gcs):g} collections, "
+                f"{med(t for _, t in gcs):.2f} ms"
+            )
         if cpu:
-            line += f", CPU of rocmux serve meanwhile {med(cpu):.2f} ms"
+            line += f", CPU of the server meanwhile {med(cpu):.2f} ms"
         print(line)
         print(
             "  rank  sent  handler  at gate  written  head  first byte (server)  "

@@ -5,7 +5,8 @@ Not part of rocmux: it monkeypatches it from outside.
 Put this folder on PYTHONPATH and name a file in ROCMUX_SCRATCH_TRACE; every process
 started with that environment loads it (Python imports ``sitecustomize`` at start-up).
 ``rocmux serve`` writes FILE when its shutdown begins (uvicorn re-raises SIGTERM, which
-would skip atexit), the bench client writes FILE.client at exit. Per request, in
+would skip atexit), bench/passthrough.py's asgi floor FILE.asgi, the bench client
+writes FILE.client at exit. Per request, in
 ``time.perf_counter()`` seconds (CLOCK_MONOTONIC, comparable across processes):
 ``a`` handler start, ``g`` at the burst gate, ``w`` written to the runtime, ``h`` head
 received, ``f`` first body chunk, ``new`` whether a connection was opened for it; the
@@ -17,9 +18,13 @@ import os
 import sys
 
 _out = os.environ.get("ROCMUX_SCRATCH_TRACE")
-_serve = bool(_out) and "serve" in sys.argv
+# ROCMUX_SCRATCH_CLIENT_ONLY: the client's timestamps only, the servers left untouched.
+_servers = bool(_out) and not os.environ.get("ROCMUX_SCRATCH_CLIENT_ONLY")
+_serve = _servers and "serve" in sys.argv
+_floor = _servers and sys.argv[0].endswith("passthrough.py") and "asgi" in sys.argv
 _bench = bool(_out) and bool(sys.argv) and sys.argv[0].endswith("proxy.py")
-if _serve or _bench:
+_file = f"{_out}.client" if _bench else f"{_out}.asgi" if _floor else _out
+if _serve or _floor or _bench:
     import atexit
     import contextvars
     import json
@@ -78,36 +83,69 @@ if _serve or _bench:
         return conn
 
     relay.RelayClient._checkout = _checkout
-    if _serve:
-        from rocmux import http_api
+    if (_serve or _floor) and os.environ.get("ROCMUX_SCRATCH_GC"):
+        # ROCMUX_SCRATCH_GC=off: no cyclic GC in the servers; =freeze: what exists when
+        # uvicorn starts serving is left out of every collection (gc.freeze); =N: that
+        # and a threshold of N for the young generation.
+        import gc
 
-        orig_call = http_api.App.__call__
+        import uvicorn
 
-        async def call(self, scope, receive, send):
-            completion = scope["type"] == "http" and scope["method"] == "POST"
-            if completion and scope["path"] in http_api.COMPLETION_PATHS:
-                rec = {"a": time.perf_counter(), "cpu": time.process_time()}
-                recs.append(rec)
-                cur.set(rec)
-            return await orig_call(self, scope, receive, send)
+        _orig_serve = uvicorn.Server.serve
 
-        http_api.App.__call__ = call
+        async def serve(self, *a, **k):
+            mode = os.environ["ROCMUX_SCRATCH_GC"]
+            if mode == "off":
+                gc.disable()
+            else:
+                gc.collect()
+                gc.freeze()
+            if mode.isdigit():  # a young-generation threshold too
+                gc.set_threshold(int(mode), *gc.get_threshold()[1:])
+            return await _orig_serve(self, *a, **k)
+
+        uvicorn.Server.serve = serve
+
+    if _serve or _floor:
+        from rocmux import burst
+
+        orig_arrived = burst.BurstGate.arrived
+
+        def arrived(self):
+            # Called first thing in the handler of a completion, in its task.
+            rec = {"a": time.perf_counter(), "cpu": time.process_time()}
+            recs.append(rec)
+            cur.set(rec)
+            orig_arrived(self)
+
+        burst.BurstGate.arrived = arrived
+
+    collections = []
+    if _serve or _floor:
+        import gc
+
+        def _gc_watch(phase, info):
+            # [generation, start, end] of every collection, for the report's read span.
+            if phase == "start":
+                collections.append([info["generation"], time.perf_counter(), None])
+            elif collections:
+                collections[-1][2] = time.perf_counter()
+
+        gc.callbacks.append(_gc_watch)
 
     def dump():
-        with open(_out + (".client" if _bench else ""), "w") as fh:
-            json.dump(recs, fh)
+        with open(_file, "w") as fh:
+            json.dump([*recs, {"gc": collections}], fh)
 
     atexit.register(dump)
-    if _serve:
+    if _serve or _floor:
         # uvicorn re-raises SIGTERM after its shutdown, which skips atexit.
-        from rocmux import serve as _serve_mod
-        from rocmux.supervisor import poll_until
+        import uvicorn
 
-        _orig_dd = _serve_mod._drain_deadline
+        _orig_shutdown = uvicorn.Server.shutdown
 
-        async def _dd(server, *a, **k):
-            await poll_until(lambda: server.should_exit, interval=0.1)
+        async def shutdown(self, *a, **k):
             dump()
-            return await _orig_dd(server, *a, **k)
+            return await _orig_shutdown(self, *a, **k)
 
-        _serve_mod._drain_deadline = _dd
+        uvicorn.Server.shutdown = shutdown
