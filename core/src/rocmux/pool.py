@@ -273,10 +273,13 @@ class ModelPool:
 
     def is_ready(self, name: str) -> bool:
         """Whether a request for ``name`` would find its instance loaded now."""
-        entry = self.entry(name)
+        return self._ready(self.entry(name)) is not None
+
+    def _ready(self, entry: ModelEntry) -> Instance | None:
+        """``entry``'s instance if it is loaded and ready."""
         key = self._keys.get(entry.name)
         instance = self.instances.get(key) if key is not None else None
-        return instance is not None and instance.state == "ready"
+        return instance if instance is not None and instance.state == "ready" else None
 
     # -- use ----------------------------------------------------------------------------
 
@@ -292,11 +295,9 @@ class ModelPool:
     def _take_ready(self, entry: ModelEntry) -> Instance | None:
         """``entry``'s instance, counted in, if it is loaded: no await, nothing to wait
         for. None when the request must go the long way (:meth:`_acquire`)."""
-        key = self._keys.get(entry.name)
-        instance = self.instances.get(key) if key is not None else None
-        if instance is None or instance.state != "ready":
-            return None
-        self._count_in(instance, entry)
+        instance = self._ready(entry)
+        if instance is not None:
+            self._count_in(instance, entry)
         return instance
 
     def _count_in(self, instance: Instance, entry: ModelEntry) -> None:
