@@ -119,8 +119,9 @@ def asgi_app(upstream: str, burst_window: float) -> Any:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        hold = gate.passage if burst_window > 0 else None
-        answer = await relay.post(upstream, scope["path"], b"".join(chunks), None, hold=hold)
+        # A window of 0 makes the gate send at once.
+        body = b"".join(chunks)
+        answer = await relay.post(upstream, scope["path"], body, None, hold=gate.passage)
         kind = answer.headers.get("content-type", "application/json").encode()
         await send(
             {

@@ -83,14 +83,15 @@ if _serve or _floor or _bench:
         return conn
 
     relay.RelayClient._checkout = _checkout
-    if (_serve or _floor) and os.environ.get("ROCMUX_SCRATCH_GC"):
-        # ROCMUX_SCRATCH_GC=off: no cyclic GC in the servers; =freeze: what exists when
-        # uvicorn starts serving is left out of every collection (gc.freeze); =N: that
-        # and a threshold of N for the young generation.
+    if _serve or _floor:
         import gc
 
         import uvicorn
-
+    if (_serve or _floor) and os.environ.get("ROCMUX_SCRATCH_GC"):
+        # ROCMUX_SCRATCH_GC=off: no cyclic GC in the servers; =freeze: what exists when
+        # uvicorn starts serving is left out of every collection (gc.freeze); =N: that
+        # and a threshold of N for the young generation (rocmux serve now does both
+        # itself, rocmux.serve.keep_gc_out_of_bursts: these are for the asgi floor).
         _orig_serve = uvicorn.Server.serve
 
         async def serve(self, *a, **k):
@@ -122,7 +123,6 @@ if _serve or _floor or _bench:
 
     collections = []
     if _serve or _floor:
-        import gc
 
         def _gc_watch(phase, info):
             # [generation, start, end] of every collection, for the report's read span.
@@ -140,8 +140,6 @@ if _serve or _floor or _bench:
     atexit.register(dump)
     if _serve or _floor:
         # uvicorn re-raises SIGTERM after its shutdown, which skips atexit.
-        import uvicorn
-
         _orig_shutdown = uvicorn.Server.shutdown
 
         async def shutdown(self, *a, **k):
