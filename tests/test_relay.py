@@ -327,3 +327,106 @@ async def test_a_connection_closed_while_its_request_is_held_fails_at_once(upstr
     assert again.status_code == 200
     await again.aread()
     await again.aclose()
+
+
+@pytest.fixture(scope="module")
+def closing_upstream() -> Iterator[str]:
+    """Closes the connection after every streamed answer, as llama-server does."""
+    yield from _start("--close-after-stream")
+
+
+async def _burst(client: RelayClient, base: str, n: int) -> list[relay.RelayResponse]:
+    """``n`` streams at once, read whole; their responses (closed)."""
+    responses: list[relay.RelayResponse] = []
+
+    async def one() -> None:
+        response = await client.post(base, "/v1/completions", body(max_tokens=3), 5.0)
+        responses.append(response)
+        assert len(events(await response.aread())) == 4
+        await response.aclose()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    return responses
+
+
+async def _idle(client: RelayClient, base: str, n: int) -> set[relay._Connection]:
+    """Once ``base`` has ``n`` idle connections, those connections."""
+    key = client._address(base)[:2]
+    with anyio.fail_after(5):
+        while len(client._idle.get(key, ())) < n:
+            await anyio.sleep(0.01)
+    return set(client._idle[key])
+
+
+@pytest.mark.parametrize("spares", [True, False])
+async def test_a_burst_after_a_burst_finds_its_connections_open_ahead(closing_upstream, spares):
+    """llama-server closes a connection after each stream: with ``spares`` the client
+    opens as many again in the background, so the next burst connects nowhere."""
+    client = RelayClient(spares=spares)
+    try:
+        first = await _burst(client, closing_upstream, 8)
+        with anyio.fail_after(5):  # the upstream closes every one
+            while not all(r._conn.closed for r in first):
+                await anyio.sleep(0.01)
+        if not spares:
+            await anyio.sleep(0.2)
+            assert not any(client._idle.values())
+            return
+        ready = await _idle(client, closing_upstream, 8)
+        second = await _burst(client, closing_upstream, 8)
+        assert {r._conn for r in second} == ready
+    finally:
+        await client.aclose()
+
+
+async def test_spares_are_renewed_before_they_expire(closing_upstream):
+    client = RelayClient(spares=True, keepalive_expiry=0.4)
+    try:
+        await _burst(client, closing_upstream, 4)
+        ready = await _idle(client, closing_upstream, 4)
+        await anyio.sleep(0.5)  # past the expiry of the first ones
+        renewed = await _idle(client, closing_upstream, 4)
+        assert not renewed & ready
+        assert all(c.closed or c.transport.is_closing() for c in ready)
+        second = await _burst(client, closing_upstream, 4)
+        assert {r._conn for r in second} <= renewed | set(client._idle[second[0]._conn.key])
+        assert not {r._conn for r in second} & ready
+    finally:
+        await client.aclose()
+
+
+async def test_spares_end_when_the_address_goes_quiet_or_away():
+    client = RelayClient(spares=True, keepalive_expiry=0.4, spare_for=0.3)
+    try:
+        for base in _start("--close-after-stream"):
+            await _burst(client, base, 2)
+            await _idle(client, base, 2)
+            with anyio.fail_after(5):  # quiet for spare_for: the keeper stops renewing
+                while client._keepers:
+                    await anyio.sleep(0.05)
+        client.spare_for = 30.0
+        for base in _start("--close-after-stream"):
+            await _burst(client, base, 2)
+            await _idle(client, base, 2)
+            key = client._address(base)[:2]
+        # The upstream is gone: renewing fails to connect and the keeper ends.
+        with anyio.fail_after(5):
+            while client._keepers:
+                await anyio.sleep(0.05)
+        assert key not in client._peak
+    finally:
+        await client.aclose()
+
+
+async def test_closing_the_client_stops_its_spares(closing_upstream):
+    client = RelayClient(spares=True)
+    await _burst(client, closing_upstream, 3)
+    await _idle(client, closing_upstream, 3)
+    tasks = [task for task, _ in client._keepers.values()]
+    assert tasks
+    await client.aclose()
+    await anyio.sleep(0.05)
+    assert all(task.done() for task in tasks)
+    assert not client._open

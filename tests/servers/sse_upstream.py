@@ -9,7 +9,9 @@ Misbehaviour for tests, by the request's ``"fault"`` field:
 connection after the first event), ``"garbage"`` (a head that is not HTTP),
 ``"nohead"`` (close without answering). With ``--drop-second``, the second request on
 every connection is dropped unanswered (as llama-server does when it closes a kept-alive
-connection just as it is reused).
+connection just as it is reused). With ``--close-after-stream``, every streamed answer
+ends with the connection closed, as llama-server's do. ``GET /connections`` answers how
+many connections the server has accepted.
 
 Prints ``ready <port>`` when it listens. Used by tests/test_relay.py.
 """
@@ -80,9 +82,18 @@ async def answer(body: dict[str, object], w: asyncio.StreamWriter, interval: flo
     return True
 
 
+ACCEPTED = 0
+
+
 async def handle(
-    r: asyncio.StreamReader, w: asyncio.StreamWriter, interval: float, drop_second: bool
+    r: asyncio.StreamReader,
+    w: asyncio.StreamWriter,
+    interval: float,
+    drop_second: bool,
+    close_after_stream: bool,
 ) -> None:
+    global ACCEPTED
+    ACCEPTED += 1
     served = 0
     try:
         while line := await r.readline():
@@ -94,12 +105,22 @@ async def handle(
                     length = int(value)
             raw = await r.readexactly(length) if length else b"{}"
             if method == b"GET":
-                w.write(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"status":"ok"}')
+                answer_get = b'{"status":"ok"}'
+                if path == b"/connections":
+                    answer_get = b"%d" % ACCEPTED
+                w.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(answer_get), answer_get)
+                )
                 continue
             served += 1
             if drop_second and served == 2:
                 break
-            if not await answer(json.loads(raw), w, interval):
+            request = json.loads(raw)
+            if not await answer(request, w, interval):
+                break
+            if close_after_stream and request.get("stream"):
+                await w.drain()
                 break
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
@@ -112,9 +133,10 @@ async def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between events")
     parser.add_argument("--drop-second", action="store_true")
+    parser.add_argument("--close-after-stream", action="store_true")
     args = parser.parse_args()
     server = await asyncio.start_server(
-        lambda r, w: handle(r, w, args.interval, args.drop_second),
+        lambda r, w: handle(r, w, args.interval, args.drop_second, args.close_after_stream),
         "127.0.0.1",
         args.port,
         backlog=1024,

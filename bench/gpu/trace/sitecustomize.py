@@ -17,6 +17,13 @@ A/B of commit 070315d also set ROCMUX_SCRATCH_NO_REPLACE, for a relay hook that 
 import os
 import sys
 
+if os.environ.get("ROCMUX_SCRATCH_SPARES") == "off" and "serve" in sys.argv:
+    # The A/B of the relay's spares (commit "perf: relay: connections opened ahead"):
+    # rocmux serve as before them, every request of a burst opening its own connection.
+    from rocmux import relay as _relay
+
+    _relay.RelayClient._keep_spares = lambda self, key: None
+
 _out = os.environ.get("ROCMUX_SCRATCH_TRACE")
 # ROCMUX_SCRATCH_CLIENT_ONLY: the client's timestamps only, the servers left untouched.
 _servers = bool(_out) and not os.environ.get("ROCMUX_SCRATCH_CLIENT_ONLY")

@@ -423,8 +423,10 @@ class Api:
     pool: ModelPool
     settings: ServerSettings
     metrics: Metrics
-    relay: RelayClient = attrs.field(factory=RelayClient, init=False)
-    """Runtimes on plain-HTTP URLs (loopback): the lean streaming client."""
+    relay: RelayClient = attrs.field(factory=lambda: RelayClient(spares=True), init=False)
+    """Runtimes on plain-HTTP URLs (loopback): the lean streaming client, with
+    connections opened ahead of the requests (llama-server closes each one after a
+    stream)."""
     gate: BurstGate = attrs.field(
         default=attrs.Factory(
             lambda self: BurstGate(self.settings.burst_window, self.metrics.burst.observe),

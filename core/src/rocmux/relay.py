@@ -15,12 +15,19 @@ Errors are httpx's exception types, so callers handle one tree::
     ├── httpx.ReadTimeout         nothing received for the read (stall) timeout
     └── httpx.RemoteProtocolError the peer closed early or sent something not HTTP
 
+llama-server closes the connection after every streamed answer, so each request of a
+burst would open a new one: a connect and one more pass of the event loop per request,
+which every later request of the burst waits for. With ``spares``, the client keeps as
+many connections open ahead, per address, as it has seen requests in flight there at
+once (Envoy's "preconnect"), opened in the background as answers end.
+
 Used only under an asyncio loop (uvicorn's); TLS URLs stay with httpx.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections import deque
@@ -240,6 +247,9 @@ class RelayResponse:
         self._client._release(self._conn)
 
 
+_Key = tuple[str, int]
+
+
 @attrs.define(eq=False)
 class RelayClient:
     """Keep-alive connections per runtime address.
@@ -250,9 +260,21 @@ class RelayClient:
 
     keepalive_expiry: float = 2.0
     connect_timeout: float = 10.0
-    _idle: dict[tuple[str, int], deque[_Connection]] = attrs.field(factory=dict, init=False)
+    spares: bool = False
+    """Keep connections open ahead of requests (the module's docstring says why)."""
+    spare_for: float = 30.0
+    """Seconds after an address's last request that its spares are still renewed."""
+    _idle: dict[_Key, deque[_Connection]] = attrs.field(factory=dict, init=False)
     _addresses: dict[str, tuple[str, int, bytes]] = attrs.field(factory=dict, init=False)
     _open: set[_Connection] = attrs.field(factory=set, init=False)
+    _busy: dict[_Key, int] = attrs.field(factory=dict, init=False)
+    """Connections checked out, per address."""
+    _peak: dict[_Key, int] = attrs.field(factory=dict, init=False)
+    """The most checked out at once per address: how many spares it gets."""
+    _last_use: dict[_Key, float] = attrs.field(factory=dict, init=False)
+    _keepers: dict[_Key, tuple[asyncio.Task[None], asyncio.Event]] = attrs.field(
+        factory=dict, init=False
+    )
 
     def _address(self, base: str) -> tuple[str, int, bytes]:
         known = self._addresses.get(base)
@@ -281,6 +303,12 @@ class RelayClient:
         (:meth:`rocmux.burst.BurstGate.passage`)."""
         host, port, netloc = self._address(base)
         conn = await self._checkout(host, port, fresh)
+        if self.spares:
+            key = conn.key
+            busy = self._busy[key] = self._busy.get(key, 0) + 1
+            if busy > self._peak.get(key, 0):
+                self._peak[key] = busy
+            self._last_use[key] = time.monotonic()
         request = b"".join(
             (
                 b"POST ",
@@ -305,6 +333,7 @@ class RelayClient:
         except BaseException:
             conn._close()
             self._open.discard(conn)
+            self._returned(conn.key)
             raise
         headers = httpx.Headers(
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.headers]
@@ -342,9 +371,11 @@ class RelayClient:
         idle = self._idle.get(conn.key)
         if idle is not None and conn in idle:
             idle.remove(conn)
+            self._keep_spares(conn.key)
 
     def _release(self, conn: _Connection) -> None:
         conn._disarm()
+        self._returned(conn.key)
         if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
             conn.parser = None
             conn.idle_since = time.monotonic()
@@ -352,8 +383,65 @@ class RelayClient:
             return
         conn._close()
         self._open.discard(conn)
+        self._keep_spares(conn.key)
+
+    # -- spares -------------------------------------------------------------------------
+
+    def _returned(self, key: _Key) -> None:
+        if self.spares:
+            self._busy[key] -= 1
+
+    def _keep_spares(self, key: _Key) -> None:
+        """Wake the task that tops up ``key``'s spares, or start it."""
+        if not self.spares:
+            return
+        keeper = self._keepers.get(key)
+        if keeper is not None:
+            keeper[1].set()
+            return
+        wake = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._keeper(key, wake))
+        self._keepers[key] = (task, wake)
+        task.add_done_callback(lambda _: self._keepers.pop(key, None))
+
+    async def _keeper(self, key: _Key, wake: asyncio.Event) -> None:
+        """Open connections to ``key`` until it has as many idle and checked out as its
+        peak; renew idle ones before they expire; end once the address has had no
+        request for ``spare_for`` seconds, or cannot be reached (a stopped runtime)."""
+        loop = asyncio.get_running_loop()
+        # Spares are renewed when this much of their life is left, so that a checkout
+        # never finds them expired.
+        margin = min(0.25, self.keepalive_expiry / 4)
+        while time.monotonic() - self._last_use.get(key, 0.0) < self.spare_for:
+            idle = self._idle.setdefault(key, deque())
+            now = time.monotonic()
+            for conn in [c for c in idle if now - c.idle_since >= self.keepalive_expiry - margin]:
+                idle.remove(conn)
+                conn._close()
+                self._open.discard(conn)
+            if len(idle) + self._busy.get(key, 0) < self._peak.get(key, 0):
+                try:
+                    _, conn = await asyncio.wait_for(
+                        loop.create_connection(lambda: _Connection(loop, key, self._forget), *key),
+                        self.connect_timeout,
+                    )
+                except (OSError, TimeoutError):
+                    self._peak.pop(key, None)
+                    return
+                self._open.add(conn)
+                conn.idle_since = time.monotonic()
+                idle.append(conn)
+                continue
+            oldest = min((c.idle_since for c in idle), default=now)
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    wake.wait(), max(0.01, oldest + self.keepalive_expiry - margin - now)
+                )
 
     async def aclose(self) -> None:
+        for task, _ in list(self._keepers.values()):
+            task.cancel()
         for conn in list(self._open):
             conn._close()
         self._open.clear()
