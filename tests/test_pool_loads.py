@@ -28,7 +28,7 @@ from rocmux.errors import StartupFailed
 from rocmux.events import LifecycleEvent
 from rocmux.launch import HOST, PORT, Launch
 from rocmux.manager import PluginManager
-from rocmux.pool import Instance, ModelPool, PoolBusy, measure_free
+from rocmux.pool import Instance, ModelPool, PoolBusy, PoolObserver, measure_free
 from rocmux.served import ServedModel
 from rocmux.supervisor import ServerProcess, StartupLimits, startup_limits
 from rocmux.testing.processes import alive
@@ -668,3 +668,27 @@ async def test_a_gpu_instance_counts_its_process_overhead(tiny_model):
     buffers = fit(info, 8 << 30, margin=0, requested=load).estimate
     assert on_gpu == buffers.device_total + GPU_PROCESS_OVERHEAD
     assert on_cpu < on_gpu  # the tiny model's host estimate has no such overhead
+
+
+async def test_the_observer_hears_of_an_unload_before_the_runtime_stops():
+    """``on_unloading`` comes while the runtime still runs (``rocmux serve`` closes its
+    spare connections to it then), ``on_evict`` once it has stopped."""
+    plugins = PluginManager()
+    model = ServedModel(
+        backend="test", model_path=Path("m.gguf"), make_launch=_launch, plugins=plugins
+    )
+    await model.start()
+    seen: list[tuple[str, bool]] = []
+    running_now = lambda: model.server is not None and model.server.running  # noqa: E731
+    observer = PoolObserver(
+        on_unloading=lambda i: seen.append(("unloading", running_now())),
+        on_evict=lambda i, reason: seen.append((f"evict {reason}", running_now())),
+    )
+    entry = ModelEntry(name="m", path=Path("m.gguf"))
+    pool = ModelPool(entries=[entry], limits=Limits(), plugins=plugins, observer=observer)
+    instance = Instance(key="k", entry=entry, path=Path("m.gguf"), backend="test")
+    instance.model, instance.state = model, "ready"
+    pool.instances["k"] = instance
+    assert await pool.unload("k")
+    assert seen == [("unloading", True), ("evict admin", False)]
+    await pool.aclose()

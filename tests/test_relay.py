@@ -430,3 +430,20 @@ async def test_closing_the_client_stops_its_spares(closing_upstream):
     await anyio.sleep(0.05)
     assert all(task.done() for task in tasks)
     assert not client._open
+
+
+async def test_dropping_an_address_closes_its_spares_and_stops_renewing_them(closing_upstream):
+    """Before a runtime is stopped (``rocmux serve`` unloading it): llama-server exits
+    ~0.1 s later while idle connections are open to it."""
+    client = RelayClient(spares=True)
+    try:
+        await _burst(client, closing_upstream, 3)
+        ready = await _idle(client, closing_upstream, 3)
+        client.drop(closing_upstream)
+        assert all(c.transport.is_closing() for c in ready)
+        await anyio.sleep(0.3)
+        assert not client._keepers
+        assert not any(client._idle.values())
+        assert not client._open
+    finally:
+        await client.aclose()

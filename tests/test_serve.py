@@ -502,3 +502,23 @@ def test_serving_keeps_start_up_objects_out_of_gc_and_collects_young_objects_lat
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True"] * 4
+
+
+def test_serve_drops_the_relays_spares_for_a_runtime_as_it_starts_to_unload(tmp_path):
+    """The pool's ``on_unloading`` reaches the relay with the runtime's URL (only for
+    plain-HTTP runtimes: the relay does not carry the others)."""
+    from types import SimpleNamespace
+
+    from rocmux.config import Config
+    from rocmux.serve import Service
+
+    entry = ModelEntry(name="m", path=tmp_path / "m.gguf")
+    _app, api, pool = Service([entry], Config(), ServerSettings()).build()
+    # As if streams had gone to two runtimes: the relay would keep spares for both.
+    for key in (("127.0.0.1", 8123), ("127.0.0.1", 8124)):
+        api.relay._peak[key] = 4
+    for url in ("http://127.0.0.1:8123", "https://runtime.example", None):
+        pool.observer.on_unloading(SimpleNamespace(model=SimpleNamespace(url=url)))  # type: ignore[arg-type]
+    pool.observer.on_unloading(SimpleNamespace(model=None))  # type: ignore[arg-type]
+    assert api.relay._peak == {("127.0.0.1", 8124): 4}
+    assert api.relay.spares

@@ -180,6 +180,8 @@ class PoolObserver:
     """Callbacks the HTTP layer uses for metrics."""
 
     on_load: Callable[[Instance], None] = lambda i: None
+    on_unloading: Callable[[Instance], None] = lambda i: None
+    """Called as an instance starts to unload, before its runtime is stopped."""
     on_evict: Callable[[Instance, str], None] = lambda i, reason: None
     on_crash: Callable[[Instance], None] = lambda i: None
     on_abandon: Callable[[Instance], None] = lambda i: None
@@ -685,6 +687,7 @@ class ModelPool:
         )
         instance.state = "unloading"
         try:
+            self.observer.on_unloading(instance)
             if instance.model is not None:
                 await instance.model.close()
         finally:

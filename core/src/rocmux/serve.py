@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import uvicorn
 
     from rocmux.http_api import Api, App
-    from rocmux.pool import MemoryProbe, ModelPool
+    from rocmux.pool import Instance, MemoryProbe, ModelPool
 
 
 def model_entries(config: Config, paths: Sequence[Path] = ()) -> tuple[ModelEntry, ...]:
@@ -92,8 +92,17 @@ class Service:
         from rocmux.pool import ModelPool, PoolObserver, measure_free
 
         metrics = Metrics()
+
+        def unloading(instance: Instance) -> None:
+            # The relay's spare connections go first: llama-server exits later while
+            # idle connections are open to it.
+            url = getattr(instance.model, "url", None)
+            if isinstance(url, str) and url.startswith("http://"):
+                api.relay.drop(url)
+
         observer = PoolObserver(
             on_load=metrics.on_load,
+            on_unloading=unloading,
             on_evict=metrics.on_evict,
             on_crash=metrics.on_crash,
             on_abandon=metrics.on_abandon,
