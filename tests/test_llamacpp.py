@@ -308,3 +308,55 @@ async def test_context_is_chosen_by_the_memory_fit_when_not_given(default_model,
     # SmolLM2 is trained for 8192 tokens and fits in host memory many times over.
     assert props["default_generation_settings"]["n_ctx"] == 8192
     assert any("memory fit on host memory" in note for note in model.notes)
+
+
+async def test_a_burst_of_new_connections_is_not_held_behind_idle_ones(
+    tiny_model, plugins, llama_server
+):
+    """``rocmux serve``'s relay holds up to ``SPARE_CONNECTIONS`` idle connections open
+    to a llama-server; the plugin gives llama-server HTTP threads for them. With the
+    slots all held idle, a burst on new connections still starts at once: every stream
+    has its first event before any stream has ended (with llama-server's own thread
+    count, some waited for a stream to end)."""
+    from rocmux.relay import RelayClient
+    from rocmux_llamacpp_hip.flags import SPARE_CONNECTIONS
+
+    assert RelayClient().max_spares == SPARE_CONNECTIONS
+    slots = 8
+    model = await _load(tiny_model, plugins, llama_server, parallel=slots, context_len=4096)
+    try:
+        assert model.server is not None
+        host, port = "127.0.0.1", int(model.url.rsplit(":", 1)[1])
+        request = json.dumps(
+            {"prompt": "x", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        ).encode()
+
+        async def stream(i: int, order: list[str]) -> None:
+            async with await anyio.connect_tcp(host, port) as conn:
+                await conn.send(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                    b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(request), request)
+                )
+                seen = b""
+                while b"[DONE]" not in seen:
+                    seen += await conn.receive()
+                    if b"data: {" in seen and f"first {i}" not in order:
+                        order.append(f"first {i}")
+                order.append(f"end {i}")
+
+        for _ in range(8):  # the wait came in some bursts, not all
+            idle = [await anyio.connect_tcp(host, port) for _ in range(slots)]
+            await anyio.sleep(0.1)  # each taken by an HTTP thread, waiting for a request
+            order: list[str] = []
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    for i in range(slots):
+                        tg.start_soon(stream, i, order)
+            for conn in idle:
+                await conn.aclose()
+            firsts = [n for n, item in enumerate(order) if item.startswith("first")]
+            ends = [n for n, item in enumerate(order) if item.startswith("end")]
+            assert len(firsts) == len(ends) == slots
+            assert max(firsts) < min(ends), order
+    finally:
+        await model.close()

@@ -264,6 +264,10 @@ class RelayClient:
     """Keep connections open ahead of requests (the module's docstring says why)."""
     spare_for: float = 30.0
     """Seconds after an address's last request that its spares are still renewed."""
+    max_spares: int = 32
+    """The most spares per address. Each idle one holds one of llama-server's HTTP
+    threads; rocmux_llamacpp_hip gives llama-server this many threads more than its own
+    sizing, or a burst of new connections would queue behind them."""
     _idle: dict[_Key, deque[_Connection]] = attrs.field(factory=dict, init=False)
     _addresses: dict[str, tuple[str, int, bytes]] = attrs.field(factory=dict, init=False)
     _open: set[_Connection] = attrs.field(factory=set, init=False)
@@ -307,7 +311,7 @@ class RelayClient:
             key = conn.key
             busy = self._busy[key] = self._busy.get(key, 0) + 1
             if busy > self._peak.get(key, 0):
-                self._peak[key] = busy
+                self._peak[key] = min(busy, self.max_spares)
             self._last_use[key] = time.monotonic()
         request = b"".join(
             (

@@ -35,9 +35,25 @@ def _name(group: Sequence[str]) -> str:
     return group[0].split("=", 1)[0]
 
 
+SPARE_CONNECTIONS = 32
+"""Idle connections ``rocmux serve`` may hold open to one llama-server ahead of requests
+(``rocmux.relay.RelayClient.max_spares``)."""
+
+
+def http_threads(parallel: int | None) -> int:
+    """llama-server's HTTP threads: its own sizing (slots + 4; 4 slots when it picks)
+    plus one for each spare connection. An idle kept-alive connection holds a thread,
+    and cpp-httplib starts an extra thread only when none is idle at that moment, so
+    with too few left some connections of a burst waited until a stream ended (1.1 s
+    at 8 slots on the CPU box, 2-6 s in bench/proxy.py's 32-stream rounds)."""
+    slots = parallel if parallel is not None and parallel > 0 else 4
+    return slots + 4 + SPARE_CONNECTIONS
+
+
 def base_flags(model: Path, config: LoadConfig) -> list[str]:
     """Flags rocmux sets itself, before the user's extra flags."""
     argv = ["--model", str(model), "--host", HOST, "--port", PORT, "--no-webui"]
+    argv += ["--threads-http", str(http_threads(config.parallel))]
     if config.gpu_layers is not None:
         argv += ["--n-gpu-layers", str(config.gpu_layers)]
     if config.context_len is not None:
