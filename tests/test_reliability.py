@@ -194,10 +194,11 @@ class Spoiler:
         if self.mode == "bad_flag":
             launch.argv.append("--no-such-flag")
         elif self.mode == "oom":
-            # A 4 GiB KV cache under a 2 GB address-space limit: a real allocation failure.
+            # A 4 GiB KV cache under a 3 GB address-space limit: a real allocation failure
+            # (2 GB was too little for the stacks of the HTTP threads rocmux now asks for).
             argv = launch.argv
             argv[argv.index("--ctx-size") + 1] = str(1 << 24)
-            launch.argv = ["prlimit", "--as=2000000000", "--", *argv]
+            launch.argv = ["prlimit", "--as=3000000000", "--", *argv]
 
 
 async def test_runtime_failing_at_start_is_a_clear_error_then_recovers(tiny_model):
