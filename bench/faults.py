@@ -10,7 +10,7 @@ mid-stream), then injects one random fault into the runtime while they run:
 - ``stop``: SIGSTOP of the runtime: a hung process that still holds its port;
 - ``bad_flag``: the next spawn gets an unknown flag and exits at start, then a SIGKILL
   makes the pool respawn it;
-- ``oom``: the next spawn asks for a 4 GiB KV cache under a 2 GB address-space limit
+- ``oom``: the next spawn asks for a 4 GiB KV cache under a 3 GB address-space limit
   (``prlimit --as``), so llama-server fails to allocate at start, then a SIGKILL;
 - ``port_taken``: the next spawn's port is one another process holds (bound and
   listening) between choice and bind, then a SIGKILL.
@@ -127,7 +127,7 @@ class Injector:
         elif self.armed == "oom":
             argv = launch.argv
             argv[argv.index("--ctx-size") + 1] = str(1 << 24)
-            launch.argv = ["prlimit", "--as=2000000000", "--", *argv]
+            launch.argv = ["prlimit", "--as=3000000000", "--", *argv]
         else:
             return
         self.spoiled[self.armed] += 1
