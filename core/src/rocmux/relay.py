@@ -406,7 +406,12 @@ class RelayClient:
         wake = asyncio.Event()
         task = asyncio.get_running_loop().create_task(self._keeper(key, wake))
         self._keepers[key] = (task, wake)
-        task.add_done_callback(lambda _: self._keepers.pop(key, None))
+        task.add_done_callback(functools.partial(self._keeper_done, key))
+
+    def _keeper_done(self, key: _Key, task: asyncio.Task[None]) -> None:
+        # Only its own entry: drop() may have put a new keeper there meanwhile.
+        if self._keepers.get(key, (None,))[0] is task:
+            del self._keepers[key]
 
     async def _keeper(self, key: _Key, wake: asyncio.Event) -> None:
         """Open connections to ``key`` until it has as many idle and checked out as its
