@@ -353,18 +353,20 @@ class RelayClient:
                 return conn
             conn._close()
             self._open.discard(conn)
-        loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(loop, (host, port), self._forget), host, port
-                ),
-                self.connect_timeout,
-            )
+            return await self._connect((host, port))
         except TimeoutError:
             raise httpx.ConnectTimeout(f"no connection to {host}:{port} in time") from None
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+
+    async def _connect(self, key: _Key) -> _Connection:
+        """A new connection to ``key``, counted as open; OSError or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: _Connection(loop, key, self._forget), *key),
+            self.connect_timeout,
+        )
         self._open.add(conn)
         return conn
 
@@ -417,7 +419,6 @@ class RelayClient:
         """Open connections to ``key`` until it has as many idle and checked out as its
         peak; renew idle ones before they expire; end once the address has had no
         request for ``spare_for`` seconds, or cannot be reached (a stopped runtime)."""
-        loop = asyncio.get_running_loop()
         # Spares are renewed when this much of their life is left, so that a checkout
         # never finds them expired.
         margin = min(0.25, self.keepalive_expiry / 4)
@@ -430,14 +431,10 @@ class RelayClient:
                 self._open.discard(conn)
             if len(idle) + self._busy.get(key, 0) < self._peak.get(key, 0):
                 try:
-                    _, conn = await asyncio.wait_for(
-                        loop.create_connection(lambda: _Connection(loop, key, self._forget), *key),
-                        self.connect_timeout,
-                    )
+                    conn = await self._connect(key)
                 except (OSError, TimeoutError):
                     self._peak.pop(key, None)
                     return
-                self._open.add(conn)
                 conn.idle_since = time.monotonic()
                 idle.append(conn)
                 continue
