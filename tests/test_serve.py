@@ -522,3 +522,22 @@ def test_serve_drops_the_relays_spares_for_a_runtime_as_it_starts_to_unload(tmp_
     pool.observer.on_unloading(SimpleNamespace(model=None))  # type: ignore[arg-type]
     assert api.relay._peak == {("127.0.0.1", 8124): 4}
     assert api.relay.spares
+
+
+async def test_an_idle_client_connection_outlives_the_clients_own_keepalive(tiny_model):
+    """httpx (and so the ``openai`` client) reuses an idle connection for up to 5 s.
+    Had the server closed it at 5 s too (uvicorn's default), a request sent then met a
+    closed connection; the server keeps it longer, so a reuse after 6 s is answered."""
+    from rocmux.serve import CLIENT_KEEPALIVE_S
+
+    assert CLIENT_KEEPALIVE_S > 6
+    async with running([tiny(tiny_model)]) as (url, _pool):
+        host, port = url.removeprefix("http://").split(":")
+        request = f"GET /health HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+        async with await anyio.connect_tcp(host, int(port)) as conn:
+            for wait in (0, 6):
+                await anyio.sleep(wait)
+                await conn.send(request)
+                with anyio.fail_after(5):
+                    head = await conn.receive()
+                assert head.startswith(b"HTTP/1.1 200"), head

@@ -177,6 +177,14 @@ async def serve(
         tg.cancel_scope.cancel()
 
 
+CLIENT_KEEPALIVE_S = 75
+"""Seconds an idle client connection stays open. Longer than the clients' own idle
+expiry (httpx and the ``openai`` client 5 s, aiohttp 15 s): with uvicorn's 5 s, a
+client that reused a connection as uvicorn closed it got "Server disconnected" or a
+reset instead of an answer (reproduced with plain httpx; the likely cause of the one
+stream in 1600 that bench/faults.py saw cut in session 7). 75 s is nginx's default."""
+
+
 def uvicorn_config(
     app: App, settings: ServerSettings, log_level: str = "warning"
 ) -> uvicorn.Config:
@@ -194,6 +202,7 @@ def uvicorn_config(
         # Info-level lines, never shown at "warning", whose arguments uvicorn would
         # still format for every response.
         access_log=False,
+        timeout_keep_alive=CLIENT_KEEPALIVE_S,
         # A backstop: at shutdown_timeout the runtimes are stopped, which ends
         # the streams still open, each with an error event.
         timeout_graceful_shutdown=int(settings.shutdown_timeout) + 10,
