@@ -313,16 +313,16 @@ async def test_context_is_chosen_by_the_memory_fit_when_not_given(default_model,
 async def test_a_burst_of_new_connections_is_not_held_behind_idle_ones(
     tiny_model, plugins, llama_server
 ):
-    """``rocmux serve``'s relay holds up to ``SPARE_CONNECTIONS`` idle connections open
+    """``rocmux serve``'s relay holds up to ``max_spares`` idle connections open
     to a llama-server; the plugin gives llama-server HTTP threads for them. With the
     slots all held idle, a burst on new connections still starts at once: every stream
     has its first event before any stream has ended (with llama-server's own thread
     count, some waited for a stream to end)."""
     from rocmux.relay import RelayClient
-    from rocmux_llamacpp_hip.flags import SPARE_CONNECTIONS
+    from rocmux_llamacpp_hip.flags import http_threads
 
-    assert RelayClient().max_spares == SPARE_CONNECTIONS
     slots = 8
+    assert http_threads(slots) == slots + 4 + RelayClient().max_spares
     model = await _load(tiny_model, plugins, llama_server, parallel=slots, context_len=4096)
     try:
         assert model.server is not None

@@ -249,6 +249,11 @@ class RelayResponse:
 
 _Key = tuple[str, int]
 
+MAX_SPARES = 32
+"""The most spare connections per address, by default. Each idle one holds one of
+llama-server's HTTP threads; rocmux_llamacpp_hip gives llama-server this many threads
+more than its own sizing, or a burst of new connections would queue behind them."""
+
 
 @attrs.define(eq=False)
 class RelayClient:
@@ -264,10 +269,8 @@ class RelayClient:
     """Keep connections open ahead of requests (the module's docstring says why)."""
     spare_for: float = 30.0
     """Seconds after an address's last request that its spares are still renewed."""
-    max_spares: int = 32
-    """The most spares per address. Each idle one holds one of llama-server's HTTP
-    threads; rocmux_llamacpp_hip gives llama-server this many threads more than its own
-    sizing, or a burst of new connections would queue behind them."""
+    max_spares: int = MAX_SPARES
+    """The most spares per address (see :data:`MAX_SPARES`)."""
     _idle: dict[_Key, deque[_Connection]] = attrs.field(factory=dict, init=False)
     _addresses: dict[str, tuple[str, int, bytes]] = attrs.field(factory=dict, init=False)
     _open: set[_Connection] = attrs.field(factory=set, init=False)
@@ -335,8 +338,7 @@ class RelayClient:
                     raise conn.error
                 await conn.wait(read_timeout)
         except BaseException:
-            conn._close()
-            self._open.discard(conn)
+            self._discard(conn)
             self._returned(conn.key)
             raise
         headers = httpx.Headers(
@@ -351,8 +353,7 @@ class RelayClient:
             conn = idle.pop()
             if conn.reusable(now, self.keepalive_expiry):
                 return conn
-            conn._close()
-            self._open.discard(conn)
+            self._discard(conn)
         try:
             return await self._connect((host, port))
         except TimeoutError:
@@ -379,6 +380,10 @@ class RelayClient:
             idle.remove(conn)
             self._keep_spares(conn.key)
 
+    def _discard(self, conn: _Connection) -> None:
+        conn._close()
+        self._open.discard(conn)
+
     def _release(self, conn: _Connection) -> None:
         conn._disarm()
         self._returned(conn.key)
@@ -387,8 +392,7 @@ class RelayClient:
             conn.idle_since = time.monotonic()
             self._idle.setdefault(conn.key, deque()).append(conn)
             return
-        conn._close()
-        self._open.discard(conn)
+        self._discard(conn)
         self._keep_spares(conn.key)
 
     # -- spares -------------------------------------------------------------------------
@@ -427,8 +431,7 @@ class RelayClient:
             now = time.monotonic()
             for conn in [c for c in idle if now - c.idle_since >= self.keepalive_expiry - margin]:
                 idle.remove(conn)
-                conn._close()
-                self._open.discard(conn)
+                self._discard(conn)
             if len(idle) + self._busy.get(key, 0) < self._peak.get(key, 0):
                 try:
                     conn = await self._connect(key)
@@ -456,8 +459,7 @@ class RelayClient:
         if keeper is not None:
             keeper[0].cancel()
         for conn in self._idle.pop(key, ()):
-            conn._close()
-            self._open.discard(conn)
+            self._discard(conn)
 
     async def aclose(self) -> None:
         for task, _ in list(self._keepers.values()):

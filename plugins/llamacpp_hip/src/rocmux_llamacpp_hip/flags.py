@@ -35,19 +35,18 @@ def _name(group: Sequence[str]) -> str:
     return group[0].split("=", 1)[0]
 
 
-SPARE_CONNECTIONS = 32
-"""Idle connections ``rocmux serve`` may hold open to one llama-server ahead of requests
-(``rocmux.relay.RelayClient.max_spares``)."""
-
-
 def http_threads(parallel: int | None) -> int:
     """llama-server's HTTP threads: its own sizing (slots + 4; 4 slots when it picks)
-    plus one for each spare connection. An idle kept-alive connection holds a thread,
+    plus one for each spare connection ``rocmux serve``'s relay may hold open to it
+    (:data:`rocmux.relay.MAX_SPARES`). An idle kept-alive connection holds a thread,
     and cpp-httplib starts an extra thread only when none is idle at that moment, so
     with too few left some connections of a burst waited until a stream ended (1.1 s
     at 8 slots on the CPU box, 2-6 s in bench/proxy.py's 32-stream rounds)."""
+    # Here, not at the top: the relay (httptools) is needed only when a server starts.
+    from rocmux.relay import MAX_SPARES
+
     slots = parallel if parallel is not None and parallel > 0 else 4
-    return slots + 4 + SPARE_CONNECTIONS
+    return slots + 4 + MAX_SPARES
 
 
 def base_flags(model: Path, config: LoadConfig) -> list[str]:
