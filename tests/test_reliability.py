@@ -16,17 +16,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import anyio
+import attrs
 import httpx
 import pytest
 from rocmux import hookimpl, supervisor
+from rocmux.backend import Backend
 from rocmux.config import Limits, ModelEntry
 from rocmux.events import LifecycleEvent
-from rocmux.launch import Launch
+from rocmux.launch import PORT, Launch
 from rocmux.manager import PluginManager
+from rocmux.registry import BackendRegistry
+from rocmux.served import ServedModel
 from rocmux.testing.processes import alive
-from rocmux.types import LoadConfig
+from rocmux.types import Availability, LoadConfig
 from test_serve import running, tiny
 
 pytestmark = [pytest.mark.anyio, pytest.mark.llama_server]
@@ -149,8 +154,6 @@ time.sleep(600)
 
 
 async def test_runtime_alive_but_no_longer_listening_is_killed():
-    from rocmux.launch import PORT
-    from rocmux.served import ServedModel
 
     def launch() -> Launch:
         return Launch(backend="test", argv=[sys.executable, "-c", DEAF_SERVER, PORT])
@@ -178,6 +181,117 @@ async def test_runtime_alive_but_no_longer_listening_is_killed():
         assert served.server is not deaf and await served.check_health(0.3)
     finally:
         await served.close()
+
+
+# A stand-in runtime, not llama-server: real llama-server reaches this state only by a
+# race (about one SIGTERM in a few dozen, with streams open, in bench/faults.py): its HTTP
+# threads still answer /health while nothing runs the requests. GET /mute mutes it,
+# GET /unmute makes it answer again.
+MUTE_SERVER = """
+import http.server, json, sys, threading, time
+mute = threading.Event()
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def reply(self, data):
+        body = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        if self.path == "/mute":
+            mute.set()
+        elif self.path == "/unmute":
+            mute.clear()
+        self.reply({"status": "ok"})
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        while mute.is_set():
+            time.sleep(0.05)
+        self.reply({"object": "text_completion", "model": "mute",
+                    "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]})
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+server.daemon_threads = True
+print("listening on http://", flush=True)
+server.serve_forever()
+"""
+
+
+@attrs.define(eq=False)
+class MuteBackend(Backend):
+    """Runs ``MUTE_SERVER``: a stand-in runtime for this one fault, not llama-server."""
+
+    name: ClassVar[str] = "mute"
+    plugins: PluginManager
+
+    async def detect(self) -> Availability:
+        return Availability(ok=True, reason="a stand-in runtime for a test", priority=0)
+
+    async def load(self, model: Path, config: LoadConfig) -> ServedModel:
+        served = ServedModel(
+            backend=self.name,
+            model_path=model,
+            make_launch=lambda: Launch(
+                backend=self.name, argv=[sys.executable, "-c", MUTE_SERVER, PORT]
+            ),
+            plugins=self.plugins,
+        )
+        await served.start()
+        return served
+
+
+class RegistersMute:
+    def __init__(self, plugins: PluginManager) -> None:
+        self.plugins = plugins
+
+    @hookimpl
+    def rocmux_register_backends(self, registry: BackendRegistry) -> None:
+        registry.add(MuteBackend(self.plugins))
+
+
+async def test_stand_in_runtime_answering_health_but_no_request_is_killed_at_the_second_stall(
+    tiny_model,
+):
+    """With a stand-in runtime (``MUTE_SERVER``, a Python script, not llama-server): its
+    health check passes, so only stalls can show it hung. One stall may be a slow prompt;
+    a second with no byte to any request since the first gets it killed and restarted."""
+    plugins = PluginManager.discover()
+    plugins.register(RegistersMute(plugins), name="mute")
+    entry = ModelEntry(name="mute", path=tiny_model, backend="mute")
+    body = {"model": "mute", "prompt": "x", "max_tokens": 2}
+    async with running([entry], FAST, plugins=plugins) as (url, pool):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def stalled() -> str:
+                r = await client.post("/v1/completions", json=body)
+                assert r.status_code == 504, r.text
+                assert r.json()["error"]["code"] == "runtime_timeout"
+                return r.json()["error"]["message"]
+
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+            (instance,) = pool.instances.values()
+            first = instance.model.server
+            await client.get(first.url + "/mute")
+            message = await stalled()
+            assert "sent nothing for 2 s" in message and "killed" not in message
+            # An answer in between: the next stall is a first one again.
+            await client.get(first.url + "/unmute")
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+            await client.get(first.url + "/mute")
+            assert "killed" not in await stalled()
+            assert first.running
+            message = await stalled()
+            assert (
+                "2 requests in a row got nothing while it still answered its health check, "
+                "so it was killed"
+            ) in message
+            assert "was killed (signal SIGKILL)" in message
+            assert not alive(first.pid)
+            assert (await client.post("/v1/completions", json=body)).status_code == 200
+            assert instance.model.server is not first
 
 
 # -- failing at start -----------------------------------------------------------------------

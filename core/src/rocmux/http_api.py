@@ -35,6 +35,9 @@ from rocmux.relay import RelayClient, RelayResponse
 from rocmux.types import GenerateConfig, Message
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# One stall may be a prompt slower than the stall timeout; a second with no byte sent to
+# any request in between is a runtime that does no work.
+SILENT_STALLS = 2
 
 
 def error_response(
@@ -638,6 +641,7 @@ class Api:
             finally:
                 await upstream.aclose()
                 await release()
+            instance.silent_stalls = 0
             if upstream.status_code >= 400:
                 return _upstream_error(upstream.status_code, content)
             if upstream.status_code == 200:
@@ -665,6 +669,7 @@ class Api:
                 async for chunk in upstream.aiter_raw():
                     if first:
                         first = False
+                        instance.silent_stalls = 0
                         self.metrics.ttft.labels(model).observe(time.perf_counter() - arrived)
                     tail = (tail + chunk)[-4096:]
                     yield chunk
@@ -741,16 +746,35 @@ class Api:
         return "server_shutdown" if self.shutting_down else "runtime_failed"
 
     async def _stalled(self, instance: Instance) -> str:
-        """Why a request saw no byte for ``stall_timeout``; a hung runtime is killed."""
+        """Why a request saw no byte for ``stall_timeout``; a hung runtime is killed.
+
+        Hung is: it fails its health check, or ``SILENT_STALLS`` requests in a row
+        stalled with no byte to any request between them. The second catches a runtime
+        whose HTTP threads still answer ``/health`` while its inference loop is stuck
+        (llama-server caught mid-shutdown by a SIGTERM; a GPU kernel that never ends).
+        """
         limits = self.pool.limits
+        instance.silent_stalls += 1
+        stalls = instance.silent_stalls
         message = (
             f"the {instance.backend} runtime of {instance.entry.name!r} sent nothing for "
             f"{limits.stall_timeout:g} s (limits.stall_timeout)"
         )
         check = getattr(instance.model, "check_health", None)
-        if check is not None and not await check(limits.health_timeout):
-            message += "; it did not answer its health check either, so it was killed"
         server = getattr(instance.model, "server", None)
+        if check is not None and not await check(limits.health_timeout):
+            instance.silent_stalls = 0
+            message += "; it did not answer its health check either, so it was killed"
+        elif stalls >= SILENT_STALLS and server is not None and server.running:
+            instance.silent_stalls = 0
+            await server.kill_hung(
+                f"{stalls} requests in a row got nothing for {limits.stall_timeout:g} s "
+                "while its health check still answered (hung)"
+            )
+            message += (
+                f"; {stalls} requests in a row got nothing while it still answered its "
+                "health check, so it was killed"
+            )
         if server is not None:
             try:
                 await server.check_alive()

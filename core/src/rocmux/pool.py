@@ -134,6 +134,8 @@ class Instance:
     wanted: bool = False
     """A client gave up waiting for the load with a 503 and will retry: load on."""
     load_scope: anyio.CancelScope | None = None
+    silent_stalls: int = 0
+    """Requests that hit ``limits.stall_timeout`` since the runtime last sent a body byte."""
 
     @property
     def slots(self) -> int:
