@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import ClassVar
 
@@ -185,8 +186,8 @@ async def test_runtime_alive_but_no_longer_listening_is_killed():
 
 # A stand-in runtime, not llama-server: real llama-server reaches this state only by a
 # race (about one SIGTERM in a few dozen, with streams open, in bench/faults.py): its HTTP
-# threads still answer /health while nothing runs the requests. GET /mute mutes it,
-# GET /unmute makes it answer again.
+# threads still answer /health while nothing runs the requests. GET /mute mutes it for
+# new requests (a stream already running goes on), GET /unmute makes it answer again.
 MUTE_SERVER = """
 import http.server, json, sys, threading, time
 mute = threading.Event()
@@ -206,11 +207,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
             mute.clear()
         self.reply({"status": "ok"})
     def do_POST(self):
-        self.rfile.read(int(self.headers["content-length"]))
+        request = json.loads(self.rfile.read(int(self.headers["content-length"])))
         while mute.is_set():
             time.sleep(0.05)
-        self.reply({"object": "text_completion", "model": "mute",
-                    "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]})
+        if not request.get("stream"):
+            self.reply({"object": "text_completion", "model": "mute",
+                        "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]})
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for i in range(40):
+            choice = {"index": 0, "text": "x", "finish_reason": "stop" if i == 39 else None}
+            self.send_chunk({"object": "text_completion", "choices": [choice]})
+            time.sleep(0.1)
+        self.send_chunk("[DONE]")
+        self.wfile.write(b"0\\r\\n\\r\\n")
+    def send_chunk(self, data):
+        text = data if isinstance(data, str) else json.dumps(data)
+        event = ("data: " + text + "\\n\\n").encode()
+        self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(event), event))
+        self.wfile.flush()
     def log_message(self, *args):
         pass
 server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
@@ -243,6 +261,10 @@ class MuteBackend(Backend):
         return served
 
 
+async def _append(to: list[str], result: Awaitable[str]) -> None:
+    to.append(await result)
+
+
 class RegistersMute:
     def __init__(self, plugins: PluginManager) -> None:
         self.plugins = plugins
@@ -256,8 +278,9 @@ async def test_stand_in_runtime_answering_health_but_no_request_is_killed_at_the
     tiny_model,
 ):
     """With a stand-in runtime (``MUTE_SERVER``, a Python script, not llama-server): its
-    health check passes, so only stalls can show it hung. One stall may be a slow prompt;
-    a second with no byte to any request since the first gets it killed and restarted."""
+    health check passes, so only stalls can show it hung. Stalls while it streams to
+    another client are a busy runtime; one silent stall may be a slow prompt; a second,
+    with nothing sent to anyone since the first, gets it killed and restarted."""
     plugins = PluginManager.discover()
     plugins.register(RegistersMute(plugins), name="mute")
     entry = ModelEntry(name="mute", path=tiny_model, backend="mute")
@@ -274,7 +297,31 @@ async def test_stand_in_runtime_answering_health_but_no_request_is_killed_at_the
             assert (await client.post("/v1/completions", json=body)).status_code == 200
             (instance,) = pool.instances.values()
             first = instance.model.server
-            await client.get(first.url + "/mute")
+
+            # Busy: two requests stall together while a stream runs. Not killed.
+            events: list[str] = []
+            messages: list[str] = []
+
+            async def two_stalls() -> None:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(2):
+                        tg.start_soon(lambda: _append(messages, stalled()))
+
+            async with client.stream(
+                "POST", "/v1/completions", json={**body, "stream": True}
+            ) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line[6:])
+                    if len(events) == 1:
+                        await client.get(first.url + "/mute")
+                        await two_stalls()
+            assert len(messages) == 2 and all("killed" not in m for m in messages), messages
+            assert events[-1] == "[DONE]" and len(events) == 41
+            assert first.running
+
+            # Silent: the first stall is not enough.
             message = await stalled()
             assert "sent nothing for 2 s" in message and "killed" not in message
             # An answer in between: the next stall is a first one again.

@@ -35,8 +35,8 @@ from rocmux.relay import RelayClient, RelayResponse
 from rocmux.types import GenerateConfig, Message
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-# One stall may be a prompt slower than the stall timeout; a second with no byte sent to
-# any request in between is a runtime that does no work.
+# One silent stall may be a prompt slower than the stall timeout; a second, with nothing
+# sent to any request since the first, is a runtime that does no work.
 SILENT_STALLS = 2
 
 
@@ -620,12 +620,13 @@ class Api:
         release: Callable[[], Awaitable[None]],
     ) -> Response:
         model = instance.entry.name
+        seen = instance.chunks
         try:
             # Each read (the first byte, every later chunk) must come within stall_timeout.
             upstream = await self._send(instance, path, raw, self.pool.limits.stall_timeout)
         except httpx.ReadTimeout:
             await release()
-            message = await self._stalled(instance)
+            message = await self._stalled(instance, seen)
             return error_response(504, message, "server_error", code="runtime_timeout")
         except (httpx.TransportError, RocmuxError) as exc:
             await release()
@@ -634,14 +635,14 @@ class Api:
             try:
                 content = await upstream.aread()
             except httpx.ReadTimeout:
-                message = await self._stalled(instance)
+                message = await self._stalled(instance, seen)
                 return error_response(504, message, "server_error", code="runtime_timeout")
             except httpx.TransportError as exc:
                 return error_response(502, await self._explain(instance, exc), "server_error")
             finally:
                 await upstream.aclose()
                 await release()
-            instance.silent_stalls = 0
+            instance.chunks += 1
             if upstream.status_code >= 400:
                 return _upstream_error(upstream.status_code, content)
             if upstream.status_code == 200:
@@ -665,17 +666,18 @@ class Api:
         async def body() -> AsyncIterator[bytes]:
             first = True
             tail = b""
+            mark = seen  # instance.chunks at this stream's last chunk
             try:
                 async for chunk in upstream.aiter_raw():
+                    instance.chunks = mark = instance.chunks + 1
                     if first:
                         first = False
-                        instance.silent_stalls = 0
                         self.metrics.ttft.labels(model).observe(time.perf_counter() - arrived)
                     tail = (tail + chunk)[-4096:]
                     yield chunk
             except httpx.ReadTimeout:
                 if not gone:
-                    yield _sse_error(await self._stalled(instance), "runtime_timeout")
+                    yield _sse_error(await self._stalled(instance, mark), "runtime_timeout")
                 return
             except httpx.TransportError as exc:
                 if not gone:
@@ -745,16 +747,24 @@ class Api:
     def _cut_code(self) -> str:
         return "server_shutdown" if self.shutting_down else "runtime_failed"
 
-    async def _stalled(self, instance: Instance) -> str:
+    async def _stalled(self, instance: Instance, seen: int) -> str:
         """Why a request saw no byte for ``stall_timeout``; a hung runtime is killed.
 
-        Hung is: it fails its health check, or ``SILENT_STALLS`` requests in a row
-        stalled with no byte to any request between them. The second catches a runtime
-        whose HTTP threads still answer ``/health`` while its inference loop is stuck
-        (llama-server caught mid-shutdown by a SIGTERM; a GPU kernel that never ends).
+        ``seen`` is ``instance.chunks`` when the request's silence began. Hung is: it
+        fails its health check, or ``SILENT_STALLS`` requests in a row stalled while it
+        sent nothing to anyone. The second catches a runtime whose HTTP threads still
+        answer ``/health`` while its inference loop is stuck (llama-server caught
+        mid-shutdown by a SIGTERM; a GPU kernel that never ends), and spares a busy one
+        whose queued requests wait for a slot while its streams run.
         """
         limits = self.pool.limits
-        instance.silent_stalls += 1
+        if instance.chunks != seen:
+            instance.silent_stalls = 0  # busy, not silent
+        elif instance.chunks != instance.silent_at:
+            instance.silent_stalls = 1  # the runtime sent something since the last one
+        else:
+            instance.silent_stalls += 1
+        instance.silent_at = instance.chunks
         stalls = instance.silent_stalls
         message = (
             f"the {instance.backend} runtime of {instance.entry.name!r} sent nothing for "

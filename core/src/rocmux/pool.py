@@ -134,8 +134,13 @@ class Instance:
     wanted: bool = False
     """A client gave up waiting for the load with a 503 and will retry: load on."""
     load_scope: anyio.CancelScope | None = None
+    chunks: int = 0
+    """Body chunks its runtime has sent, to any request: a request that stalls while this
+    grows met a busy runtime, one that stalls while it stands still a silent one."""
     silent_stalls: int = 0
-    """Requests that hit ``limits.stall_timeout`` since the runtime last sent a body byte."""
+    """Silent stalls in a row: with no chunk to any request since the one before."""
+    silent_at: int = 0
+    """``chunks`` at the last silent stall."""
 
     @property
     def slots(self) -> int:
