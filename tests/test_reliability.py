@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import ClassVar
 
@@ -56,6 +56,13 @@ class Events:
     @hookimpl
     def rocmux_lifecycle(self, event: LifecycleEvent) -> None:
         self.events.append(event)
+
+
+async def _data(response: httpx.Response) -> AsyncIterator[str]:
+    """The ``data:`` payloads of an SSE response, as they arrive."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: "):
+            yield line[6:]
 
 
 async def _ok(client: httpx.AsyncClient) -> httpx.Response:
@@ -102,10 +109,8 @@ async def test_requests_to_a_hung_runtime_fail_within_the_stall_timeout(tiny_mod
             async with client.stream(
                 "POST", "/v1/completions", json={"model": "tiny", **STREAM}
             ) as response:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    events.append(line[6:])
+                async for data in _data(response):
+                    events.append(data)
                     if len(events) == 1:
                         hung = instance.model.server
                         os.kill(hung.pid, signal.SIGSTOP)
@@ -310,10 +315,8 @@ async def test_stand_in_runtime_answering_health_but_no_request_is_killed_at_the
             async with client.stream(
                 "POST", "/v1/completions", json={**body, "stream": True}
             ) as response:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    events.append(line[6:])
+                async for data in _data(response):
+                    events.append(data)
                     if len(events) == 1:
                         await client.get(first.url + "/mute")
                         await two_stalls()
