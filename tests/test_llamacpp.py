@@ -113,6 +113,33 @@ async def test_usage_and_timings_arrive_at_the_end(tiny_model, plugins, llama_se
     assert [t.finish_reason for t in tokens if t.finish_reason] == ["length"]
 
 
+async def test_the_client_lets_an_idle_connection_go_before_llama_server_closes_it(
+    tiny_model, plugins, llama_server
+):
+    """llama-server closes an idle connection after 5 s, httpx's default expiry too: a
+    connection reused at that moment fails with no answer. ``OpenAIClient`` lets idle
+    connections go after ``KEEPALIVE_S`` and reuses them before."""
+    from rocmux.openai_client import KEEPALIVE_S, OpenAIClient
+
+    assert KEEPALIVE_S <= 2.5
+    connects: list[str] = []
+
+    async def trace(name: str, info: dict[str, object]) -> None:
+        if name.endswith("connect_tcp.complete"):
+            connects.append(name)
+
+    async with await _load(tiny_model, plugins, llama_server, context_len=256) as model:
+        client = OpenAIClient(model.url, "llamacpp_hip", plugins)
+        try:
+            for wait, expected in ((0.0, 1), (0.2, 1), (KEEPALIVE_S + 0.5, 2)):
+                await anyio.sleep(wait)
+                r = await client.http.get("/health", extensions={"trace": trace})
+                assert r.status_code == 200
+                assert len(connects) == expected, (wait, connects)
+        finally:
+            await client.aclose()
+
+
 async def test_leaving_the_loop_cancels_the_request_and_keeps_the_model(
     default_model, plugins, llama_server
 ):

@@ -18,6 +18,11 @@ from rocmux.errors import RequestError, StreamError
 from rocmux.manager import PluginManager
 from rocmux.types import Token
 
+# Idle connections go well before llama-server (cpp-httplib) closes them after 5 s, which
+# is also httpx's default: one reused just as the server closes it fails with no answer.
+# rocmux.relay keeps the same 2 s.
+KEEPALIVE_S = 2.0
+
 
 def _error_message(response: httpx.Response) -> tuple[str, object]:
     try:
@@ -48,7 +53,9 @@ class OpenAIClient:
             trust_env=False,
             # Generation can pause for long prompts; only connecting is time-bounded.
             timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=128),
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=128, keepalive_expiry=KEEPALIVE_S
+            ),
             # A TLS context reads the CA bundle (~50 ms, on every model load); a runtime's
             # plain-HTTP URL never uses one.
             verify=not self.base_url.startswith("http://"),
