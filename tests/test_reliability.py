@@ -8,12 +8,14 @@ next_request_succeeds``; ``bench/faults.py`` runs the random faults for 100 roun
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -390,13 +392,32 @@ async def test_runtime_failing_at_start_is_a_clear_error_then_recovers(tiny_mode
                 await pool.unload(instance.key)
 
 
-async def test_port_taken_between_choice_and_bind_is_retried(tiny_model, monkeypatch):
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b'{"status":"ok"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("thief_kind", ["silent", "answers_health"])
+async def test_port_taken_between_choice_and_bind_is_retried(tiny_model, monkeypatch, thief_kind):
     """Another process binds the chosen port before llama-server does: llama-server
-    fails to bind and exits; the supervisor spawns it again on another port."""
-    thief = socket.socket()
-    thief.bind(("127.0.0.1", 0))
-    thief.listen(1)
-    taken = thief.getsockname()[1]
+    fails to bind and exits; the supervisor spawns it again on another port. A thief
+    that answers ``/health`` with 200 is not taken for llama-server: the socket is not
+    the child's (``holds_listening_port``)."""
+    if thief_kind == "silent":
+        thief = socket.socket()
+        thief.bind(("127.0.0.1", 0))
+        thief.listen(1)
+        taken = thief.getsockname()[1]
+    else:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        thief = server.socket
+        taken = server.server_address[1]
     real = supervisor.free_port
     ports = iter([taken])
     monkeypatch.setattr(
@@ -412,6 +433,8 @@ async def test_port_taken_between_choice_and_bind_is_retried(tiny_model, monkeyp
                 (instance,) = pool.instances.values()
                 assert instance.model.server.port != taken
     finally:
+        if thief_kind != "silent":
+            server.shutdown()
         thief.close()
     kinds = [(e.kind, e.detail) for e in events.events if e.kind != "stopped"]
     assert kinds[:4] == [

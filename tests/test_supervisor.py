@@ -215,3 +215,38 @@ def test_children_die_with_a_sigkilled_parent(tmp_path):
     while alive(child):
         assert time.monotonic() < deadline, f"server {child} outlived its SIGKILLed parent"
         time.sleep(0.02)
+
+
+def test_holds_listening_port_tells_the_child_s_socket_from_another_process_s():
+    import socket
+
+    from rocmux.supervisor import holds_listening_port
+
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux /proc")
+    # The leader forks and closes its copy: only a non-leader of the group holds it.
+    listener = (
+        "import os, socket, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "if os.fork() == 0:\n"
+        "    print(s.getsockname()[1], flush=True)\n"
+        "else:\n"
+        "    s.close()\n"
+        "time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", listener], stdout=subprocess.PIPE, start_new_session=True
+    )
+    mine = socket.socket()
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        mine.bind(("127.0.0.1", 0))
+        mine.listen()
+        assert holds_listening_port(child.pid, port) is True
+        assert holds_listening_port(child.pid, mine.getsockname()[1]) is False
+        assert holds_listening_port(os.getpgid(0), port) is False
+    finally:
+        mine.close()
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()

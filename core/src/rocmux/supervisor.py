@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import IO, TYPE_CHECKING
 
@@ -75,6 +75,61 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def holds_listening_port(pgid: int, port: int) -> bool | None:
+    """Whether a process of group ``pgid`` holds the socket listening on TCP ``port``;
+    None where ``/proc`` cannot tell (not Linux, or another process's fds are hidden).
+
+    A health answer alone does not prove that the server answering is the child:
+    another process may have taken the port between ``free_port`` and the child's bind.
+    """
+    inodes: set[str] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                next(rows)
+                for row in rows:
+                    fields = row.split()
+                    # state 0A is LISTEN; local address is HEX_IP:HEX_PORT
+                    if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+            readable = True
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not readable:
+        return None
+    if not inodes:
+        return False
+    for pid in _group_pids(pgid):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return True
+    return False
+
+
+def _group_pids(pgid: int) -> Iterator[int]:
+    """The leader first (it usually holds the socket), then the rest of its group."""
+    yield pgid
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == pgid:
+                continue
+            with (
+                contextlib.suppress(OSError, IndexError, ValueError),
+                open(f"/proc/{entry}/stat") as stat,
+            ):
+                # after the command name in parentheses: state, ppid, pgrp
+                if int(stat.read().rpartition(")")[2].split()[2]) == pgid:
+                    yield int(entry)
 
 
 def _death_tie(argv: list[str]) -> list[str]:
@@ -339,13 +394,22 @@ class ServerProcess:
                 if self._ready_line.is_set() or now >= next_probe:
                     with contextlib.suppress(httpx.TransportError):
                         status = (await client.get(health)).status_code
-                        if status == 200:
+                        if status == 200 and self._answered_by_child():
                             return
                         if status == 503:  # "loading": alive and working on it
                             progress = time.monotonic()
                     next_probe = time.monotonic() + self.probe_interval
                 # Short sleeps so a ready line in the log is acted on at once.
                 await anyio.sleep(0.002)
+
+    def _answered_by_child(self) -> bool:
+        """False when the port is provably another process's (a port thief)."""
+        if self._ready_line.is_set():
+            return True  # the child said it listens: the bind succeeded
+        proc = self._proc
+        if proc is None or self.port is None:
+            return True
+        return holds_listening_port(proc.pid, self.port) is not False
 
     async def _join_reader(self) -> None:
         reader = self._reader
