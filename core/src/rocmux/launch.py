@@ -24,6 +24,9 @@ class Launch:
     env: dict[str, str] = attrs.field(factory=dict)
     health_path: str = "/health"
     ready_pattern: re.Pattern[str] | None = None
+    """A line of the runtime's output that says it listens. Before it, a health answer
+    counts only from a socket held by the runtime's process group (Linux), so a runtime
+    that listens from elsewhere (a container's port forward) needs this pattern."""
     stop_grace: float | None = None
     """Seconds between SIGTERM and SIGKILL when stopping; None: the supervisor's
     ``stop_timeout``. A runtime with no state to save on exit can take 0."""
