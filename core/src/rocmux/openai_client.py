@@ -18,10 +18,10 @@ from rocmux.errors import RequestError, StreamError
 from rocmux.manager import PluginManager
 from rocmux.types import Token
 
-# Idle connections go well before llama-server (cpp-httplib) closes them after 5 s, which
-# is also httpx's default: one reused just as the server closes it fails with no answer.
-# rocmux.relay keeps the same 2 s.
 KEEPALIVE_S = 2.0
+"""Seconds an idle connection to a runtime is kept (here and in ``rocmux.relay``): well
+before llama-server (cpp-httplib) closes it after 5 s, which is also httpx's default; one
+reused just as the server closes it fails with no answer."""
 
 
 def _error_message(response: httpx.Response) -> tuple[str, object]:

@@ -38,6 +38,8 @@ import attrs
 import httptools
 import httpx
 
+from rocmux.openai_client import KEEPALIVE_S
+
 _PAUSE_AT = 1 << 20
 """Buffered body bytes at which reading from the runtime pauses (a slow client)."""
 
@@ -263,7 +265,7 @@ class RelayClient:
     sent on a connection the runtime is closing fails before it reaches it.
     """
 
-    keepalive_expiry: float = 2.0
+    keepalive_expiry: float = KEEPALIVE_S
     connect_timeout: float = 10.0
     spares: bool = False
     """Keep connections open ahead of requests (the module's docstring says why)."""
