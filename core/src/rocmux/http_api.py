@@ -35,9 +35,6 @@ from rocmux.relay import RelayClient, RelayResponse
 from rocmux.types import GenerateConfig, Message
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-# One silent stall may be a prompt slower than the stall timeout; a second, with nothing
-# sent to any request since the first, is a runtime that does no work.
-SILENT_STALLS = 2
 
 
 def error_response(
@@ -751,21 +748,17 @@ class Api:
         """Why a request saw no byte for ``stall_timeout``; a hung runtime is killed.
 
         ``seen`` is ``instance.chunks`` when the request's silence began. Hung is: it
-        fails its health check, or ``SILENT_STALLS`` requests in a row stalled while it
-        sent nothing to anyone. The second catches a runtime whose HTTP threads still
-        answer ``/health`` while its inference loop is stuck (llama-server caught
-        mid-shutdown by a SIGTERM; a GPU kernel that never ends), and spares a busy one
-        whose queued requests wait for a slot while its streams run.
+        fails its health check, or two requests in a row stalled while it sent nothing
+        to anyone. The second catches a runtime whose HTTP threads still answer
+        ``/health`` while its inference loop is stuck (llama-server caught mid-shutdown
+        by a SIGTERM; a GPU kernel that never ends), and spares a busy one whose queued
+        requests wait for a slot while its streams run. One silent stall alone may be a
+        prompt slower than the stall timeout.
         """
         limits = self.pool.limits
-        if instance.chunks != seen:
-            instance.silent_stalls = 0  # busy, not silent
-        elif instance.chunks != instance.silent_at:
-            instance.silent_stalls = 1  # the runtime sent something since the last one
-        else:
-            instance.silent_stalls += 1
-        instance.silent_at = instance.chunks
-        stalls = instance.silent_stalls
+        silent = instance.chunks == seen
+        again = silent and instance.silent_at == instance.chunks
+        instance.silent_at = instance.chunks if silent and not again else None
         message = (
             f"the {instance.backend} runtime of {instance.entry.name!r} sent nothing for "
             f"{limits.stall_timeout:g} s (limits.stall_timeout)"
@@ -773,16 +766,15 @@ class Api:
         check = getattr(instance.model, "check_health", None)
         server = getattr(instance.model, "server", None)
         if check is not None and not await check(limits.health_timeout):
-            instance.silent_stalls = 0
+            instance.silent_at = None
             message += "; it did not answer its health check either, so it was killed"
-        elif stalls >= SILENT_STALLS and server is not None and server.running:
-            instance.silent_stalls = 0
+        elif again and server is not None and server.running:
             await server.kill_hung(
-                f"{stalls} requests in a row got nothing for {limits.stall_timeout:g} s "
+                f"2 requests in a row got nothing for {limits.stall_timeout:g} s "
                 "while its health check still answered (hung)"
             )
             message += (
-                f"; {stalls} requests in a row got nothing while it still answered its "
+                "; 2 requests in a row got nothing while it still answered its "
                 "health check, so it was killed"
             )
         if server is not None:

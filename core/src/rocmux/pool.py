@@ -137,10 +137,8 @@ class Instance:
     chunks: int = 0
     """Body chunks its runtime has sent, to any request: a request that stalls while this
     grows met a busy runtime, one that stalls while it stands still a silent one."""
-    silent_stalls: int = 0
-    """Silent stalls in a row: with no chunk to any request since the one before."""
-    silent_at: int = 0
-    """``chunks`` at the last silent stall."""
+    silent_at: int | None = None
+    """``chunks`` at the last silent stall (None: none since the runtime last spoke)."""
 
     @property
     def slots(self) -> int:
