@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -31,10 +31,10 @@ from rocmux.config import Limits, ModelEntry
 from rocmux.events import LifecycleEvent
 from rocmux.launch import PORT, Launch
 from rocmux.manager import PluginManager
-from rocmux.registry import BackendRegistry
 from rocmux.served import ServedModel
 from rocmux.testing.processes import alive
 from rocmux.types import Availability, LoadConfig
+from test_plugins import Registers
 from test_serve import running, tiny
 
 pytestmark = [pytest.mark.anyio, pytest.mark.llama_server]
@@ -268,19 +268,6 @@ class MuteBackend(Backend):
         return served
 
 
-async def _append(to: list[str], result: Awaitable[str]) -> None:
-    to.append(await result)
-
-
-class RegistersMute:
-    def __init__(self, plugins: PluginManager) -> None:
-        self.plugins = plugins
-
-    @hookimpl
-    def rocmux_register_backends(self, registry: BackendRegistry) -> None:
-        registry.add(MuteBackend(self.plugins))
-
-
 async def test_stand_in_runtime_answering_health_but_no_request_is_killed_at_the_second_stall(
     tiny_model,
 ):
@@ -289,7 +276,7 @@ async def test_stand_in_runtime_answering_health_but_no_request_is_killed_at_the
     another client are a busy runtime; one silent stall may be a slow prompt; a second,
     with nothing sent to anyone since the first, gets it killed and restarted."""
     plugins = PluginManager.discover()
-    plugins.register(RegistersMute(plugins), name="mute")
+    plugins.register(Registers(MuteBackend(plugins)), name="mute")
     entry = ModelEntry(name="mute", path=tiny_model, backend="mute")
     body = {"model": "mute", "prompt": "x", "max_tokens": 2}
     async with running([entry], FAST, plugins=plugins) as (url, pool):
@@ -309,10 +296,13 @@ async def test_stand_in_runtime_answering_health_but_no_request_is_killed_at_the
             events: list[str] = []
             messages: list[str] = []
 
+            async def one_stall() -> None:
+                messages.append(await stalled())
+
             async def two_stalls() -> None:
                 async with anyio.create_task_group() as tg:
-                    for _ in range(2):
-                        tg.start_soon(lambda: _append(messages, stalled()))
+                    tg.start_soon(one_stall)
+                    tg.start_soon(one_stall)
 
             async with client.stream(
                 "POST", "/v1/completions", json={**body, "stream": True}
